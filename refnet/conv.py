@@ -1,0 +1,167 @@
+r"""2-D convolution through im2col, its adjoint, its explicit operator matrix and a naive oracle.
+
+Notation (NCHW, PyTorch layouts). Input ``x`` is ``(B, C, H, W)``, weight ``W`` is
+``(c_out, C, kh, kw)``, stride ``(sh, sw)``, padding ``(ph, pw)`` with mode "zeros" or "circular".
+The output size is ``Ho = (H + 2 ph - kh) // sh + 1`` (likewise ``Wo``), and
+
+.. math:: h[b, o, i, j] = \sum_{c,u,v} W[o, c, u, v]\, \tilde x[b, c, i s_h + u, j s_w + v] + b[o],
+
+with ``x~`` the padded input. im2col gathers the patches into ``cols`` of shape
+``(B, P, K)`` with ``P = Ho Wo`` and ``K = C kh kw`` (column order (c, u, v), that of
+``W.reshape(c_out, K)``), so that ``h = cols @ W_f^T``. The gather is one fancy index into the
+flattened input extended by a single zero (the target of every zero-padding tap):
+:func:`patch_index`. Its adjoint (col2im) sums the patch gradients back with a sparse scatter
+matrix built once per geometry: :func:`col2im`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "conv_output_size",
+    "patch_index",
+    "im2col",
+    "col2im",
+    "conv2d_im2col",
+    "conv2d_naive",
+    "conv_matrix",
+]
+
+
+def conv_output_size(H: int, W: int, kernel, stride, padding) -> tuple[int, int]:
+    """``(Ho, Wo)`` of a convolution; raises when the kernel does not fit."""
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = padding
+    Ho = (H + 2 * ph - kh) // sh + 1
+    Wo = (W + 2 * pw - kw) // sw + 1
+    if H + 2 * ph < kh or W + 2 * pw < kw or Ho <= 0 or Wo <= 0:
+        raise ValueError(
+            f"x spatial size {(H, W)} with padding {(ph, pw)} is smaller than the kernel {(kh, kw)}"
+        )
+    return Ho, Wo
+
+
+@lru_cache(maxsize=64)
+def patch_index(C: int, H: int, W: int, kernel, stride, padding, mode: str) -> np.ndarray:
+    """Gather index ``(P, K)`` into the flattened input extended by one zero.
+
+    Entry ``[p, k]`` is the flat index ``c*H*W + r*W + s`` of the input pixel under tap
+    ``k = (c, u, v)`` of output position ``p = (i, j)``, or ``C*H*W`` (the appended zero) when the
+    tap falls in zero padding. With circular padding the row and column wrap modulo H and W.
+    The result is cached and read-only.
+    """
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = padding
+    Ho, Wo = conv_output_size(H, W, kernel, stride, padding)
+    i = np.arange(Ho)[:, None, None, None, None]  # (Ho, 1, 1, 1, 1)
+    j = np.arange(Wo)[None, :, None, None, None]  # (1, Wo, 1, 1, 1)
+    c = np.arange(C)[None, None, :, None, None]  # (1, 1, C, 1, 1)
+    u = np.arange(kh)[None, None, None, :, None]  # (1, 1, 1, kh, 1)
+    v = np.arange(kw)[None, None, None, None, :]  # (1, 1, 1, 1, kw)
+    r = i * sh + u - ph  # row in the unpadded input
+    s = j * sw + v - pw  # column in the unpadded input
+    if mode == "circular":
+        r, s = r % H, s % W
+        inside = np.ones(np.broadcast_shapes(r.shape, s.shape), dtype=bool)
+    else:
+        inside = (r >= 0) & (r < H) & (s >= 0) & (s < W)
+    flat = c * (H * W) + np.clip(r, 0, H - 1) * W + np.clip(s, 0, W - 1)
+    idx = np.where(inside, flat, C * H * W)  # (Ho, Wo, C, kh, kw)
+    idx = np.ascontiguousarray(idx.reshape(Ho * Wo, C * kh * kw)).astype(np.intp)
+    idx.setflags(write=False)
+    return idx
+
+
+@lru_cache(maxsize=64)
+def _scatter_matrix(C: int, H: int, W: int, kernel, stride, padding, mode: str) -> sp.csr_matrix:
+    """Sparse ``(P*K, C*H*W)`` 0/1 matrix S with ``cols.ravel() = S @ x.ravel()`` (no pad column)."""
+    idx = patch_index(C, H, W, kernel, stride, padding, mode).ravel()
+    n_in = C * H * W
+    keep = idx < n_in
+    rows = np.flatnonzero(keep)
+    S = sp.csr_matrix(
+        (np.ones(rows.size), (rows, idx[keep])), shape=(idx.size, n_in), dtype=np.float64
+    )
+    return S
+
+
+def im2col(x: np.ndarray, kernel, stride, padding, mode: str) -> np.ndarray:
+    """Patches ``(B, P, K)`` of ``x`` ``(B, C, H, W)``; see :func:`patch_index`."""
+    B, C, H, W = x.shape
+    idx = patch_index(C, H, W, tuple(kernel), tuple(stride), tuple(padding), mode)
+    x_ext = np.concatenate([x.reshape(B, C * H * W), np.zeros((B, 1), dtype=x.dtype)], axis=1)
+    return x_ext[:, idx]  # (B, P, K)
+
+
+def col2im(g_cols: np.ndarray, x_shape, kernel, stride, padding, mode: str) -> np.ndarray:
+    """Adjoint of :func:`im2col`: sums patch gradients ``(B, P, K)`` into ``(B, C, H, W)``."""
+    B, C, H, W = x_shape
+    S = _scatter_matrix(C, H, W, tuple(kernel), tuple(stride), tuple(padding), mode)
+    g = g_cols.reshape(B, -1)  # (B, P*K)
+    gx = (S.T @ g.T).T  # (B, C*H*W)
+    return np.ascontiguousarray(gx, dtype=g_cols.dtype).reshape(B, C, H, W)
+
+
+def conv2d_im2col(x, W, b, stride, padding, mode) -> np.ndarray:
+    """Pre-activation ``h`` ``(B, c_out, Ho, Wo)`` through im2col (``b`` may be None)."""
+    B, C, H, Wd = x.shape
+    c_out, _, kh, kw = W.shape
+    Ho, Wo = conv_output_size(H, Wd, (kh, kw), stride, padding)
+    cols = im2col(x, (kh, kw), stride, padding, mode)  # (B, P, K)
+    h = cols @ W.reshape(c_out, -1).T  # (B, P, c_out)
+    if b is not None:
+        h = h + b
+    return np.ascontiguousarray(h.transpose(0, 2, 1)).reshape(B, c_out, Ho, Wo)
+
+
+def conv2d_naive(x, W, b, stride, padding, mode) -> np.ndarray:
+    """The convolution by seven explicit loops: the slow, obvious oracle for im2col.
+
+    Pads explicitly (``np.pad`` with zeros, or ``mode="wrap"`` for circular), then sums
+    ``W[o, c, u, v] * xp[b, c, i*sh + u, j*sw + v]`` term by term.
+    """
+    B, C, H, Wd = x.shape
+    c_out, _, kh, kw = W.shape
+    sh, sw = stride
+    ph, pw = padding
+    Ho, Wo = conv_output_size(H, Wd, (kh, kw), stride, padding)
+    pad = ((0, 0), (0, 0), (ph, ph), (pw, pw))
+    xp = np.pad(x, pad, mode="wrap") if mode == "circular" else np.pad(x, pad)
+    out = np.zeros((B, c_out, Ho, Wo), dtype=x.dtype)
+    for n in range(B):
+        for o in range(c_out):
+            for i in range(Ho):
+                for j in range(Wo):
+                    acc = 0.0 if b is None else b[o]
+                    for c in range(C):
+                        for u in range(kh):
+                            for v in range(kw):
+                                acc += W[o, c, u, v] * xp[n, c, i * sh + u, j * sw + v]
+                    out[n, o, i, j] = acc
+    return out
+
+
+def conv_matrix(W, in_shape, stride, padding, mode) -> np.ndarray:
+    """The explicit matrix ``M`` ``(c_out*Ho*Wo, C*H*W)`` of the (bias-free) convolution operator.
+
+    ``h.reshape(B, -1) = x.reshape(B, -1) @ M.T``: rows follow NCHW flattening of the output,
+    columns that of the input. Taps that wrap onto the same pixel (circular padding with a kernel
+    larger than the input) add up.
+    """
+    C, H, Wd = in_shape
+    c_out, _, kh, kw = W.shape
+    idx = patch_index(C, H, Wd, (kh, kw), tuple(stride), tuple(padding), mode)  # (P, K)
+    P, K = idx.shape
+    n_in = C * H * Wd
+    M = np.zeros((c_out, P, n_in + 1), dtype=W.dtype)
+    Wf = W.reshape(c_out, K)
+    o = np.arange(c_out)[:, None, None]
+    p = np.arange(P)[None, :, None]
+    np.add.at(M, (o, p, idx[None, :, :]), Wf[:, None, :])
+    return M[:, :, :n_in].reshape(c_out * P, n_in)

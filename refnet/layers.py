@@ -1,0 +1,494 @@
+r"""Layers: small frozen dataclasses of hyperparameters with pure methods.
+
+Every layer implements one protocol (shapes are per batch; ``B`` examples as rows):
+
+``out_shape(in_shape)``
+    Per-example output shape for a per-example input shape.
+``init(rng, in_shape, initializer, dtype) -> params``
+    A dict of arrays (``{"W", "b"}`` for affine layers, ``{}`` for parameter-free ones).
+``forward(params, x, mask=None) -> (y, cache)``
+    The map and what the backward pass needs. Affine layers cache the input ``x`` (= x^{l-1}),
+    the pre-activation ``h`` (= h^l) and ``D`` (= phi'(h^l), the diagonal of D^l).
+``vjp(params, cache, g, mask=None) -> (g_x, grads)``
+    Reverse mode: ``g = dL/dy`` to ``g_x = dL/dx`` and the parameter gradients.
+``jvp(params, cache, v, mask=None, dparams=None) -> y_dot``
+    Forward mode: the tangent of ``y`` for an input tangent ``v`` (and, optionally, parameter
+    tangents ``dparams``); the adjoint of ``vjp``.
+``jacobian(params, cache, mask=None) -> J``
+    The per-example layer Jacobian ``J^{l-1,l} = D^l W^l`` as a dense ``(B, n_out, n_in)`` array
+    over the flattened (NCHW) input and output.
+
+Masks are dicts beside the params with the same keys and shapes (boolean); the effective weight
+is ``mask * W``, so the gradient with respect to ``W`` is ``mask * dL/d(mask*W)`` and pruned
+entries get exactly zero gradient. Parameter-free layers (pooling, flatten) have ``D = I``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from math import prod
+
+import numpy as np
+
+from . import conv as _conv
+from . import kernels
+from ._checks import check_choice, check_int
+from .activations import Activation, get_activation
+
+__all__ = [
+    "Layer",
+    "Dense",
+    "Conv2d",
+    "AvgPool2d",
+    "MaxPool2d",
+    "GlobalAvgPool2d",
+    "Flatten",
+    "layer_from_dict",
+    "LAYER_TYPES",
+]
+
+
+def _pair(value, name: str, min_value: int) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return (check_int(value[0], name, min_value=min_value), check_int(value[1], name, min_value=min_value))
+    v = check_int(value, name, min_value=min_value)
+    return (v, v)
+
+
+def _masked(params: dict, mask: dict | None, key: str):
+    """The effective parameter ``mask[key] * params[key]`` (or the parameter itself)."""
+    p = params[key]
+    if mask is None or mask.get(key) is None:
+        return p
+    return p * mask[key]
+
+
+def _mask_of(mask: dict | None, key: str):
+    return None if mask is None else mask.get(key)
+
+
+def _mask_grad(g: np.ndarray, mask: dict | None, key: str) -> np.ndarray:
+    if mask is None or mask.get(key) is None:
+        return g
+    return g * mask[key]
+
+
+class Layer:
+    """Base class: default Jacobian by basis products, serialisation helpers."""
+
+    #: parameter names of this layer instance (``()`` for parameter-free layers)
+    keys: tuple = ()
+
+    def out_shape(self, in_shape: tuple) -> tuple:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_in_shape(self, in_shape: tuple) -> None:
+        """Raise ValueError if this layer cannot take per-example input ``in_shape``."""
+        self.out_shape(in_shape)
+
+    def init(self, rng, in_shape, initializer, dtype) -> dict:
+        return {}
+
+    def param_shapes(self, in_shape) -> dict:
+        return {}
+
+    def jacobian(self, params, cache, mask=None) -> np.ndarray:
+        """Dense ``(B, n_out, n_in)`` Jacobian by forward-mode basis products (n_in JVPs)."""
+        x = cache["x"]
+        B = x.shape[0]
+        in_shape = x.shape[1:]
+        n_in = prod(in_shape)
+        cols = []
+        for k in range(n_in):
+            e = np.zeros((B, n_in), dtype=x.dtype)
+            e[:, k] = 1.0
+            cols.append(self.jvp(params, cache, e.reshape(x.shape), mask).reshape(B, -1))
+        return np.stack(cols, axis=2)  # (B, n_out, n_in)
+
+    # --- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"type": type(self).__name__}
+        for k, v in asdict(self).items():
+            if k == "activation":
+                v = self.activation.to_dict()
+            d[k] = list(v) if isinstance(v, tuple) else v
+        return d
+
+
+# ============================================================================================
+# Affine layers
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class Dense(Layer):
+    r"""Fully connected layer ``x^l = phi(h^l)``, ``h^l = x^{l-1} W^T + b``.
+
+    Parameters
+    ----------
+    n_in, n_out : int
+        ``W`` is ``(n_out, n_in)`` (PyTorch's ``nn.Linear`` layout), ``b`` is ``(n_out,)``.
+    activation : str or Activation
+        phi; default identity.
+    bias : bool
+        Whether the layer has ``b``.
+
+    Formulas (per example, column vectors; batches are rows in code)
+        forward  ``h = W x + b``, ``y = phi(h)``
+        Jacobian ``J = D W`` with ``D = diag(phi'(h))``                       (:meth:`jacobian`)
+        VJP      ``g_x = W^T (D g)``; ``dL/dW = (D g) x^T``, ``dL/db = D g``     (:meth:`vjp`)
+        JVP      ``y_dot = D (W v + dW x + db)``                               (:meth:`jvp`)
+    with ``W`` the effective weight ``mask * W``.
+    """
+
+    n_in: int
+    n_out: int
+    activation: Activation = "identity"
+    bias: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "n_in", check_int(self.n_in, "n_in", min_value=1))
+        object.__setattr__(self, "n_out", check_int(self.n_out, "n_out", min_value=1))
+        object.__setattr__(self, "activation", get_activation(self.activation))
+        if not isinstance(self.bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be a bool, got {type(self.bias).__name__}")
+        object.__setattr__(self, "bias", bool(self.bias))
+
+    @property
+    def keys(self) -> tuple:
+        return ("W", "b") if self.bias else ("W",)
+
+    def out_shape(self, in_shape):
+        if tuple(in_shape) != (self.n_in,):
+            raise ValueError(
+                f"Dense({self.n_in}, {self.n_out}) needs per-example input shape ({self.n_in},), "
+                f"got {tuple(in_shape)} (add a Flatten layer before it for images)"
+            )
+        return (self.n_out,)
+
+    def param_shapes(self, in_shape):
+        shapes = {"W": (self.n_out, self.n_in)}
+        if self.bias:
+            shapes["b"] = (self.n_out,)
+        return shapes
+
+    def init(self, rng, in_shape, initializer, dtype):
+        self.out_shape(in_shape)
+        params = {"W": initializer.weight(rng, (self.n_out, self.n_in), dtype=dtype)}
+        if self.bias:
+            params["b"] = initializer.bias(rng, (self.n_out,), dtype=dtype)
+        return params
+
+    def forward(self, params, x, mask=None):
+        h = kernels.masked_matmul(x, params["W"], _mask_of(mask, "W"))  # (B, n_out) = x (mask*W)^T
+        if self.bias:
+            h = h + _masked(params, mask, "b")
+        y = self.activation.phi(h)  # (B, n_out)
+        return y, {"x": x, "h": h, "D": self.activation.dphi(h)}
+
+    def vjp(self, params, cache, g, mask=None):
+        gh = g * cache["D"]  # (B, n_out): dL/dh
+        grads = {"W": _mask_grad(gh.T @ cache["x"], mask, "W")}  # (n_out, n_in)
+        if self.bias:
+            grads["b"] = _mask_grad(gh.sum(axis=0), mask, "b")  # (n_out,)
+        g_x = kernels.masked_matmul_t(gh, params["W"], _mask_of(mask, "W"))  # (B, n_in)
+        return g_x, grads
+
+    def jvp(self, params, cache, v, mask=None, dparams=None):
+        h_dot = v @ _masked(params, mask, "W").T  # (B, n_out)
+        if dparams is not None:
+            if "W" in dparams:
+                h_dot = h_dot + cache["x"] @ _masked(dparams, mask, "W").T
+            if self.bias and "b" in dparams:
+                h_dot = h_dot + _masked(dparams, mask, "b")
+        return cache["D"] * h_dot
+
+    def jacobian(self, params, cache, mask=None):
+        W = _masked(params, mask, "W")  # (n_out, n_in)
+        return cache["D"][:, :, None] * W[None, :, :]  # (B, n_out, n_in): J = D W
+
+
+@dataclass(frozen=True)
+class Conv2d(Layer):
+    r"""2-D convolution with an activation, via im2col (:mod:`refnet.conv`).
+
+    Parameters
+    ----------
+    c_in, c_out : int
+        ``W`` is ``(c_out, c_in, kh, kw)`` (PyTorch's ``nn.Conv2d`` layout), ``b`` is ``(c_out,)``.
+    kernel_size, stride, padding : int or (int, int)
+    padding_mode : {"zeros", "circular"}
+    activation : str or Activation
+    bias : bool
+
+    Formulas (``cols`` = im2col(x), ``(B, P, K)``; ``W_f`` = W reshaped ``(c_out, K)``)
+        forward  ``h = cols W_f^T + b``, ``y = phi(h)``
+        VJP      ``dL/dW_f = sum_{b,p} (D g)^T cols``, ``dL/db = sum (D g)``,
+                 ``g_x = col2im((D g) W_f)``
+        JVP      ``y_dot = D (conv(v, W) + conv(x, dW) + db)``
+        Jacobian ``J = D M`` with ``M`` the explicit operator matrix (:func:`refnet.conv.conv_matrix`)
+    """
+
+    c_in: int
+    c_out: int
+    kernel_size: tuple = 3
+    stride: tuple = 1
+    padding: tuple = 0
+    padding_mode: str = "zeros"
+    activation: Activation = "identity"
+    bias: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "c_in", check_int(self.c_in, "c_in", min_value=1))
+        object.__setattr__(self, "c_out", check_int(self.c_out, "c_out", min_value=1))
+        object.__setattr__(self, "kernel_size", _pair(self.kernel_size, "kernel_size", 1))
+        object.__setattr__(self, "stride", _pair(self.stride, "stride", 1))
+        object.__setattr__(self, "padding", _pair(self.padding, "padding", 0))
+        object.__setattr__(
+            self, "padding_mode", check_choice(self.padding_mode, "padding_mode", ["zeros", "circular"])
+        )
+        object.__setattr__(self, "activation", get_activation(self.activation))
+        if not isinstance(self.bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be a bool, got {type(self.bias).__name__}")
+        object.__setattr__(self, "bias", bool(self.bias))
+
+    @property
+    def keys(self) -> tuple:
+        return ("W", "b") if self.bias else ("W",)
+
+    def out_shape(self, in_shape):
+        in_shape = tuple(in_shape)
+        if len(in_shape) != 3 or in_shape[0] != self.c_in:
+            raise ValueError(
+                f"Conv2d({self.c_in}, {self.c_out}) needs per-example input shape ({self.c_in}, H, W), "
+                f"got {in_shape}"
+            )
+        Ho, Wo = _conv.conv_output_size(in_shape[1], in_shape[2], self.kernel_size, self.stride, self.padding)
+        return (self.c_out, Ho, Wo)
+
+    def param_shapes(self, in_shape):
+        shapes = {"W": (self.c_out, self.c_in, *self.kernel_size)}
+        if self.bias:
+            shapes["b"] = (self.c_out,)
+        return shapes
+
+    def init(self, rng, in_shape, initializer, dtype):
+        self.out_shape(in_shape)
+        params = {"W": initializer.weight(rng, (self.c_out, self.c_in, *self.kernel_size), dtype=dtype)}
+        if self.bias:
+            params["b"] = initializer.bias(rng, (self.c_out,), dtype=dtype)
+        return params
+
+    def _geom(self):
+        return self.kernel_size, self.stride, self.padding, self.padding_mode
+
+    def _conv(self, x, W):
+        """Bias-free pre-activation and the im2col patches."""
+        B, _, H, Wd = x.shape
+        Ho, Wo = _conv.conv_output_size(H, Wd, self.kernel_size, self.stride, self.padding)
+        cols = _conv.im2col(x, *self._geom())  # (B, P, K)
+        h = cols @ W.reshape(self.c_out, -1).T  # (B, P, c_out)
+        return h, cols, (Ho, Wo)
+
+    def forward(self, params, x, mask=None):
+        W = _masked(params, mask, "W")
+        hp, cols, (Ho, Wo) = self._conv(x, W)  # (B, P, c_out)
+        if self.bias:
+            hp = hp + _masked(params, mask, "b")
+        h = np.ascontiguousarray(hp.transpose(0, 2, 1)).reshape(x.shape[0], self.c_out, Ho, Wo)
+        y = self.activation.phi(h)  # (B, c_out, Ho, Wo)
+        return y, {"x": x, "h": h, "D": self.activation.dphi(h), "cols": cols}
+
+    def vjp(self, params, cache, g, mask=None):
+        x, cols = cache["x"], cache["cols"]
+        B = x.shape[0]
+        gh = (g * cache["D"]).reshape(B, self.c_out, -1)  # (B, c_out, P): dL/dh
+        gW = np.einsum("bop,bpk->ok", gh, cols, optimize=True).reshape(self.c_out, self.c_in, *self.kernel_size)
+        grads = {"W": _mask_grad(gW, mask, "W")}
+        if self.bias:
+            grads["b"] = _mask_grad(gh.sum(axis=(0, 2)), mask, "b")
+        Wf = _masked(params, mask, "W").reshape(self.c_out, -1)  # (c_out, K)
+        g_cols = gh.transpose(0, 2, 1) @ Wf  # (B, P, K)
+        g_x = _conv.col2im(g_cols, x.shape, *self._geom())
+        return g_x, grads
+
+    def jvp(self, params, cache, v, mask=None, dparams=None):
+        B = v.shape[0]
+        hp, _, (Ho, Wo) = self._conv(v, _masked(params, mask, "W"))  # (B, P, c_out)
+        if dparams is not None:
+            if "W" in dparams:
+                dW = _masked(dparams, mask, "W").reshape(self.c_out, -1)
+                hp = hp + cache["cols"] @ dW.T
+            if self.bias and "b" in dparams:
+                hp = hp + _masked(dparams, mask, "b")
+        h_dot = np.ascontiguousarray(hp.transpose(0, 2, 1)).reshape(B, self.c_out, Ho, Wo)
+        return cache["D"] * h_dot
+
+    def jacobian(self, params, cache, mask=None):
+        x = cache["x"]
+        M = _conv.conv_matrix(_masked(params, mask, "W"), x.shape[1:], self.stride, self.padding, self.padding_mode)
+        B = x.shape[0]
+        return cache["D"].reshape(B, -1)[:, :, None] * M[None]  # (B, n_out, n_in): J = D M
+
+
+# ============================================================================================
+# Parameter-free layers (D = I)
+# ============================================================================================
+
+
+def _check_image(in_shape, who):
+    in_shape = tuple(in_shape)
+    if len(in_shape) != 3:
+        raise ValueError(f"{who} needs per-example input shape (C, H, W), got {in_shape}")
+    return in_shape
+
+
+@dataclass(frozen=True)
+class AvgPool2d(Layer):
+    """Average pooling over non-overlapping ``k x k`` windows (stride k; trailing rows and
+    columns that do not fill a window are dropped, as PyTorch's default floor mode).
+
+    ``y[b, c, i, j] = (1/k^2) sum_{u,v<k} x[b, c, i k + u, j k + v]``; linear, so the JVP is the map
+    itself and the VJP spreads ``g / k^2`` over each window.
+    """
+
+    kernel_size: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernel_size", check_int(self.kernel_size, "kernel_size", min_value=1))
+
+    def out_shape(self, in_shape):
+        C, H, W = _check_image(in_shape, "AvgPool2d")
+        k = self.kernel_size
+        if H < k or W < k:
+            raise ValueError(f"AvgPool2d({k}) needs H, W >= {k}, got {(H, W)}")
+        return (C, H // k, W // k)
+
+    def _pool(self, x):
+        B, C, H, W = x.shape
+        k = self.kernel_size
+        Ho, Wo = H // k, W // k
+        return x[:, :, : Ho * k, : Wo * k].reshape(B, C, Ho, k, Wo, k).mean(axis=(3, 5))
+
+    def forward(self, params, x, mask=None):
+        return self._pool(x), {"x": x}
+
+    def vjp(self, params, cache, g, mask=None):
+        x = cache["x"]
+        k = self.kernel_size
+        B, C, Ho, Wo = g.shape
+        g_x = np.zeros_like(x)
+        spread = np.repeat(np.repeat(g, k, axis=2), k, axis=3) / (k * k)  # (B, C, Ho k, Wo k)
+        g_x[:, :, : Ho * k, : Wo * k] = spread
+        return g_x, {}
+
+    def jvp(self, params, cache, v, mask=None, dparams=None):
+        return self._pool(v)
+
+
+@dataclass(frozen=True)
+class MaxPool2d(Layer):
+    """Max pooling over non-overlapping ``k x k`` windows (stride k, floor mode).
+
+    The derivative routes through the arg-max of each window (the first one on ties, as
+    ``np.argmax``): ``y_dot = v[argmax]``, and the VJP puts ``g`` at the arg-max.
+    """
+
+    kernel_size: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernel_size", check_int(self.kernel_size, "kernel_size", min_value=1))
+
+    def out_shape(self, in_shape):
+        C, H, W = _check_image(in_shape, "MaxPool2d")
+        k = self.kernel_size
+        if H < k or W < k:
+            raise ValueError(f"MaxPool2d({k}) needs H, W >= {k}, got {(H, W)}")
+        return (C, H // k, W // k)
+
+    def _windows(self, x):
+        B, C, H, W = x.shape
+        k = self.kernel_size
+        Ho, Wo = H // k, W // k
+        win = x[:, :, : Ho * k, : Wo * k].reshape(B, C, Ho, k, Wo, k)
+        return win.transpose(0, 1, 2, 4, 3, 5).reshape(B, C, Ho, Wo, k * k)
+
+    def forward(self, params, x, mask=None):
+        win = self._windows(x)  # (B, C, Ho, Wo, k*k)
+        arg = win.argmax(axis=-1)  # (B, C, Ho, Wo)
+        y = np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+        return y, {"x": x, "arg": arg}
+
+    def jvp(self, params, cache, v, mask=None, dparams=None):
+        win = self._windows(v)
+        return np.take_along_axis(win, cache["arg"][..., None], axis=-1)[..., 0]
+
+    def vjp(self, params, cache, g, mask=None):
+        x, arg = cache["x"], cache["arg"]
+        B, C, Ho, Wo = g.shape
+        k = self.kernel_size
+        win = np.zeros((B, C, Ho, Wo, k * k), dtype=g.dtype)
+        np.put_along_axis(win, arg[..., None], g[..., None], axis=-1)
+        win = win.reshape(B, C, Ho, Wo, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(B, C, Ho * k, Wo * k)
+        g_x = np.zeros_like(x)
+        g_x[:, :, : Ho * k, : Wo * k] = win
+        return g_x, {}
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool2d(Layer):
+    """Mean over the spatial axes: ``(B, C, H, W) -> (B, C)``."""
+
+    def out_shape(self, in_shape):
+        C, H, W = _check_image(in_shape, "GlobalAvgPool2d")
+        return (C,)
+
+    def forward(self, params, x, mask=None):
+        return x.mean(axis=(2, 3)), {"x": x}
+
+    def jvp(self, params, cache, v, mask=None, dparams=None):
+        return v.mean(axis=(2, 3))
+
+    def vjp(self, params, cache, g, mask=None):
+        x = cache["x"]
+        H, W = x.shape[2:]
+        return np.broadcast_to(g[:, :, None, None] / (H * W), x.shape).copy(), {}
+
+
+@dataclass(frozen=True)
+class Flatten(Layer):
+    """``(B, *shape) -> (B, prod(shape))`` in C (NCHW) order; its Jacobian is the identity."""
+
+    def out_shape(self, in_shape):
+        return (prod(in_shape),)
+
+    def forward(self, params, x, mask=None):
+        return x.reshape(x.shape[0], -1), {"x": x}
+
+    def jvp(self, params, cache, v, mask=None, dparams=None):
+        return v.reshape(v.shape[0], -1)
+
+    def vjp(self, params, cache, g, mask=None):
+        return g.reshape(cache["x"].shape), {}
+
+    def jacobian(self, params, cache, mask=None):
+        x = cache["x"]
+        n = prod(x.shape[1:])
+        return np.broadcast_to(np.eye(n, dtype=x.dtype), (x.shape[0], n, n)).copy()
+
+
+LAYER_TYPES = {cls.__name__: cls for cls in (Dense, Conv2d, AvgPool2d, MaxPool2d, GlobalAvgPool2d, Flatten)}
+
+
+def layer_from_dict(d: dict) -> Layer:
+    """Rebuild a layer from :meth:`Layer.to_dict` (used by :func:`refnet.network.Network.load`)."""
+    if not isinstance(d, dict) or "type" not in d:
+        raise ValueError(f"a layer description must be a dict with a 'type', got {d!r}")
+    d = dict(d)
+    kind = d.pop("type")
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"layer type must be one of {sorted(LAYER_TYPES)}, got {kind!r}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return LAYER_TYPES[kind](**kwargs)
