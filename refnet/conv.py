@@ -103,7 +103,7 @@ def col2im(g_cols: np.ndarray, x_shape, kernel, stride, padding, mode: str) -> n
     """Adjoint of :func:`im2col`: sums patch gradients ``(B, P, K)`` into ``(B, C, H, W)``."""
     B, C, H, W = x_shape
     S = _scatter_matrix(C, H, W, tuple(kernel), tuple(stride), tuple(padding), mode)
-    g = g_cols.reshape(B, -1)  # (B, P*K)
+    g = g_cols.reshape(B, g_cols.shape[1] * g_cols.shape[2])  # (B, P*K)
     gx = (S.T @ g.T).T  # (B, C*H*W)
     return np.ascontiguousarray(gx, dtype=g_cols.dtype).reshape(B, C, H, W)
 

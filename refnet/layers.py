@@ -65,6 +65,11 @@ def _masked(params: dict, mask: dict | None, key: str):
     return p * mask[key]
 
 
+def _rows(a: np.ndarray) -> np.ndarray:
+    """``(B, *shape) -> (B, prod(shape))``, also for an empty batch."""
+    return a.reshape(a.shape[0], prod(a.shape[1:]))
+
+
 def _mask_of(mask: dict | None, key: str):
     return None if mask is None else mask.get(key)
 
@@ -104,7 +109,7 @@ class Layer:
         for k in range(n_in):
             e = np.zeros((B, n_in), dtype=x.dtype)
             e[:, k] = 1.0
-            cols.append(self.jvp(params, cache, e.reshape(x.shape), mask).reshape(B, -1))
+            cols.append(_rows(self.jvp(params, cache, e.reshape(x.shape), mask)))
         return np.stack(cols, axis=2)  # (B, n_out, n_in)
 
     # --- serialisation ---------------------------------------------------------------------
@@ -330,7 +335,7 @@ class Conv2d(Layer):
         x = cache["x"]
         M = _conv.conv_matrix(_masked(params, mask, "W"), x.shape[1:], self.stride, self.padding, self.padding_mode)
         B = x.shape[0]
-        return cache["D"].reshape(B, -1)[:, :, None] * M[None]  # (B, n_out, n_in): J = D M
+        return _rows(cache["D"])[:, :, None] * M[None]  # (B, n_out, n_in): J = D M
 
 
 # ============================================================================================
@@ -465,10 +470,10 @@ class Flatten(Layer):
         return (prod(in_shape),)
 
     def forward(self, params, x, mask=None):
-        return x.reshape(x.shape[0], -1), {"x": x}
+        return _rows(x), {"x": x}
 
     def jvp(self, params, cache, v, mask=None, dparams=None):
-        return v.reshape(v.shape[0], -1)
+        return _rows(v)
 
     def vjp(self, params, cache, g, mask=None):
         return g.reshape(cache["x"].shape), {}
