@@ -55,6 +55,15 @@ class Activation:
         """phi'(h), elementwise: the diagonal of D."""
         return self._fns[1](h, **dict(self.params))
 
+    def phi_dphi(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(phi(h), phi'(h))`` together; tanh and sigmoid reuse phi (``1 - y^2``, ``y (1 - y)``)."""
+        y = self.phi(h)
+        if self.name == "tanh":
+            return y, 1.0 - y * y
+        if self.name == "sigmoid":
+            return y, y * (1.0 - y)
+        return y, self.dphi(h)
+
     def d2phi(self, h: np.ndarray) -> np.ndarray:
         """phi''(h), elementwise (used by mean-field theory and curvature checks)."""
         return self._fns[2](h, **dict(self.params))

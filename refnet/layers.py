@@ -9,8 +9,9 @@ Every layer implements one protocol (shapes are per batch; ``B`` examples as row
 ``forward(params, x, mask=None) -> (y, cache)``
     The map and what the backward pass needs. Affine layers cache the input ``x`` (= x^{l-1}),
     the pre-activation ``h`` (= h^l) and ``D`` (= phi'(h^l), the diagonal of D^l).
-``vjp(params, cache, g, mask=None) -> (g_x, grads)``
-    Reverse mode: ``g = dL/dy`` to ``g_x = dL/dx`` and the parameter gradients.
+``vjp(params, cache, g, mask=None, input_grad=True) -> (g_x, grads)``
+    Reverse mode: ``g = dL/dy`` to ``g_x = dL/dx`` and the parameter gradients (``g_x`` is None
+    when ``input_grad`` is False: the first layer of a backward pass skips that product).
 ``jvp(params, cache, v, mask=None, dparams=None) -> y_dot``
     Forward mode: the tangent of ``y`` for an input tangent ``v`` (and, optionally, parameter
     tangents ``dparams``); the adjoint of ``vjp``.
@@ -59,10 +60,8 @@ def _pair(value, name: str, min_value: int) -> tuple[int, int]:
 
 def _masked(params: dict, mask: dict | None, key: str):
     """The effective parameter ``mask[key] * params[key]`` (or the parameter itself)."""
-    p = params[key]
-    if mask is None or mask.get(key) is None:
-        return p
-    return p * mask[key]
+    m = _mask_of(mask, key)
+    return params[key] if m is None else params[key] * m
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -71,13 +70,15 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def _mask_of(mask: dict | None, key: str):
-    return None if mask is None else mask.get(key)
+    """The mask of ``key``, or None when there is none or it keeps everything (a cheap check
+    on booleans that saves the multiplications of unpruned layers)."""
+    m = None if mask is None else mask.get(key)
+    return None if m is None or m.all() else m
 
 
 def _mask_grad(g: np.ndarray, mask: dict | None, key: str) -> np.ndarray:
-    if mask is None or mask.get(key) is None:
-        return g
-    return g * mask[key]
+    m = _mask_of(mask, key)
+    return g if m is None else g * m
 
 
 class Layer:
@@ -187,18 +188,21 @@ class Dense(Layer):
         return params
 
     def forward(self, params, x, mask=None):
-        h = kernels.masked_matmul(x, params["W"], _mask_of(mask, "W"))  # (B, n_out) = x (mask*W)^T
+        mW = _mask_of(mask, "W")
+        h = kernels.masked_matmul(x, params["W"], mW)  # (B, n_out) = x (mask*W)^T
         if self.bias:
             h = h + _masked(params, mask, "b")
-        y = self.activation.phi(h)  # (B, n_out)
-        return y, {"x": x, "h": h, "D": self.activation.dphi(h)}
+        y, D = self.activation.phi_dphi(h)  # (B, n_out) each
+        return y, {"x": x, "h": h, "D": D, "mW": mW}
 
-    def vjp(self, params, cache, g, mask=None):
+    def vjp(self, params, cache, g, mask=None, input_grad=True):
         gh = g * cache["D"]  # (B, n_out): dL/dh
-        grads = {"W": _mask_grad(gh.T @ cache["x"], mask, "W")}  # (n_out, n_in)
+        mW = cache["mW"] if "mW" in cache else _mask_of(mask, "W")
+        gW = gh.T @ cache["x"]  # (n_out, n_in)
+        grads = {"W": gW if mW is None else gW * mW}
         if self.bias:
             grads["b"] = _mask_grad(gh.sum(axis=0), mask, "b")  # (n_out,)
-        g_x = kernels.masked_matmul_t(gh, params["W"], _mask_of(mask, "W"))  # (B, n_in)
+        g_x = kernels.masked_matmul_t(gh, params["W"], mW) if input_grad else None  # (B, n_in)
         return g_x, grads
 
     def jvp(self, params, cache, v, mask=None, dparams=None):
@@ -303,10 +307,10 @@ class Conv2d(Layer):
         if self.bias:
             hp = hp + _masked(params, mask, "b")
         h = np.ascontiguousarray(hp.transpose(0, 2, 1)).reshape(x.shape[0], self.c_out, Ho, Wo)
-        y = self.activation.phi(h)  # (B, c_out, Ho, Wo)
-        return y, {"x": x, "h": h, "D": self.activation.dphi(h), "cols": cols}
+        y, D = self.activation.phi_dphi(h)  # (B, c_out, Ho, Wo) each
+        return y, {"x": x, "h": h, "D": D, "cols": cols}
 
-    def vjp(self, params, cache, g, mask=None):
+    def vjp(self, params, cache, g, mask=None, input_grad=True):
         x, cols = cache["x"], cache["cols"]
         B = x.shape[0]
         gh = (g * cache["D"]).reshape(B, self.c_out, -1)  # (B, c_out, P): dL/dh
@@ -314,6 +318,8 @@ class Conv2d(Layer):
         grads = {"W": _mask_grad(gW, mask, "W")}
         if self.bias:
             grads["b"] = _mask_grad(gh.sum(axis=(0, 2)), mask, "b")
+        if not input_grad:
+            return None, grads
         Wf = _masked(params, mask, "W").reshape(self.c_out, -1)  # (c_out, K)
         g_cols = gh.transpose(0, 2, 1) @ Wf  # (B, P, K)
         g_x = _conv.col2im(g_cols, x.shape, *self._geom())
@@ -380,7 +386,7 @@ class AvgPool2d(Layer):
     def forward(self, params, x, mask=None):
         return self._pool(x), {"x": x}
 
-    def vjp(self, params, cache, g, mask=None):
+    def vjp(self, params, cache, g, mask=None, input_grad=True):
         x = cache["x"]
         k = self.kernel_size
         B, C, Ho, Wo = g.shape
@@ -430,7 +436,7 @@ class MaxPool2d(Layer):
         win = self._windows(v)
         return np.take_along_axis(win, cache["arg"][..., None], axis=-1)[..., 0]
 
-    def vjp(self, params, cache, g, mask=None):
+    def vjp(self, params, cache, g, mask=None, input_grad=True):
         x, arg = cache["x"], cache["arg"]
         B, C, Ho, Wo = g.shape
         k = self.kernel_size
@@ -456,7 +462,7 @@ class GlobalAvgPool2d(Layer):
     def jvp(self, params, cache, v, mask=None, dparams=None):
         return v.mean(axis=(2, 3))
 
-    def vjp(self, params, cache, g, mask=None):
+    def vjp(self, params, cache, g, mask=None, input_grad=True):
         x = cache["x"]
         H, W = x.shape[2:]
         return np.broadcast_to(g[:, :, None, None] / (H * W), x.shape).copy(), {}
@@ -475,7 +481,7 @@ class Flatten(Layer):
     def jvp(self, params, cache, v, mask=None, dparams=None):
         return _rows(v)
 
-    def vjp(self, params, cache, g, mask=None):
+    def vjp(self, params, cache, g, mask=None, input_grad=True):
         return g.reshape(cache["x"].shape), {}
 
     def jacobian(self, params, cache, mask=None):

@@ -300,7 +300,8 @@ class Network:
         g = check_array(eps, "eps", shape=trace.out.shape)
         grads = [None] * self.n_layers
         for l in range(self.n_layers - 1, -1, -1):
-            g, grads[l] = self.layers[l].vjp(self.params[l], trace.caches[l], g, self.masks[l])
+            need = l > 0 or return_input_grad
+            g, grads[l] = self.layers[l].vjp(self.params[l], trace.caches[l], g, self.masks[l], input_grad=need)
         return (grads, g) if return_input_grad else grads
 
     def jvp(self, trace: Trace, v, dparams=None):

@@ -1,0 +1,31 @@
+"""``python -m benchmarks [name ...] [--quick] [--out results.json]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from .common import blas_info, print_table, write_json
+
+SUITES = ["engine"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    ap.add_argument("names", nargs="*", choices=SUITES + [[]], help="suites to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--out", default="benchmarks-results.json", help="JSON file to write")
+    args = ap.parse_args(argv)
+    info = blas_info()
+    print("environment:", {k: v for k, v in info.items() if k != "threadpools"})
+    rows = []
+    for name in args.names or SUITES:
+        rows += importlib.import_module(f".{name}", __package__).run(quick=args.quick)
+    print_table(rows)
+    write_json(args.out, {"environment": info, "results": rows})
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
