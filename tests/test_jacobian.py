@@ -1,0 +1,165 @@
+"""Exact Jacobians: forward and reverse accumulation, chains, JVP/VJP, finite differences,
+the matrix-free operator and its extreme singular values."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from netgen import cnns, mlps
+
+import refnet as rn
+from refnet import jacobian as jac
+
+
+def _rel(a, b):
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
+
+
+def _chain(layer_js, start, end):
+    P = layer_js[start]
+    for J in layer_js[start + 1 : end]:
+        P = J @ P  # later layers on the left
+    return P
+
+
+@settings(max_examples=40)
+@given(mlps(max_depth=6), st.data())
+def test_mlp_chains_modes_and_products(net_rng, data):
+    net, rng = net_rng
+    K = net.n_layers
+    start = data.draw(st.integers(0, K - 1))
+    end = data.draw(st.integers(start + 1, K))
+    x = rng.standard_normal((3, *net.in_shape))
+    Jr = jac.jacobian(net, x, start, end, mode="reverse")
+    Jf = jac.jacobian(net, x, start, end, mode="forward")
+    Ja = jac.jacobian(net, x, start, end)
+    Ls = jac.layer_jacobians(net, x)
+    P = _chain(Ls, start, end)
+    assert Jr.shape == (3, net.shapes[end][0], net.shapes[start][0])
+    scale = max(np.abs(P).max(), 1e-300)
+    for J in (Jr, Jf, Ja):
+        assert np.abs(J - P).max() <= 1e-12 * scale
+
+
+@settings(max_examples=25)
+@given(cnns())
+def test_cnn_input_output_jacobian_modes_and_products(net_rng):
+    net, rng = net_rng
+    x = rng.standard_normal((2, *net.in_shape))
+    Jr = jac.jacobian(net, x, mode="reverse")
+    Jf = jac.jacobian(net, x, mode="forward")
+    P = _chain(jac.layer_jacobians(net, x), 0, net.n_layers)
+    scale = max(np.abs(P).max(), 1e-300)
+    assert np.abs(Jr - P).max() <= 1e-12 * scale
+    assert np.abs(Jf - P).max() <= 1e-12 * scale
+
+
+def test_jacobian_matches_finite_differences_and_products():
+    rng = np.random.default_rng(0)
+    net = rn.Network(
+        [rn.Conv2d(2, 3, 3, padding=1, activation="tanh"), rn.AvgPool2d(2), rn.Flatten(), rn.Dense(18, 5, activation="erf"), rn.Dense(5, 4)],
+        in_shape=(2, 4, 6), seed=0, sigma_b=0.2,
+    )
+    x = rng.standard_normal((3, 2, 4, 6))
+    J = jac.jacobian(net, x)  # (3, 4, 48)
+    h = 1e-6
+    u = rng.standard_normal(x.shape)
+    fd = (net.forward(x + h * u) - net.forward(x - h * u)) / (2 * h)
+    Ju = np.einsum("bij,bj->bi", J, u.reshape(3, -1))
+    np.testing.assert_allclose(fd, Ju, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(jac.jvp(net, x, u), Ju, rtol=1e-12, atol=1e-14)
+    w = rng.standard_normal((3, 4))
+    np.testing.assert_allclose(jac.vjp(net, x, w), np.einsum("bi,bij->bj", w, J), rtol=1e-12, atol=1e-14)
+    # an inner chain J^{1,4} against finite differences of the sub-network
+    _, trace = net.forward(x, return_trace=True)
+    x1 = trace.caches[1]["x"]
+    J14 = jac.jacobian(net, x, 1, 4)
+    sub = lambda z: net.layers[3].forward(net.params[3], net.layers[2].forward({}, net.layers[1].forward({}, z)[0])[0])[0]
+    v = rng.standard_normal(x1.shape)
+    fd = (sub(x1 + h * v) - sub(x1 - h * v)) / (2 * h)
+    np.testing.assert_allclose(fd, np.einsum("bij,bj->bi", J14, v.reshape(3, -1)), rtol=1e-7, atol=1e-9)
+
+
+def test_reverse_mode_is_chosen_for_wide_inputs(monkeypatch):
+    """A 10 x 784 Jacobian costs 10 pulled-back vectors, not 784 pushed-forward ones."""
+    net = rn.mlp([784, 100, 10], activation="tanh", seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 784))
+    seen = []
+    real = jac.pullback
+
+    def spy(net_, trace, G, start, end):
+        seen.append(G.shape)
+        return real(net_, trace, G, start, end)
+
+    monkeypatch.setattr(jac, "pullback", spy)
+    J = jac.jacobian(net, x)
+    assert seen == [(2, 10, 10)] and J.shape == (2, 10, 784)
+
+
+def test_masked_network_jacobian_uses_effective_weights():
+    rng = np.random.default_rng(1)
+    net = rn.mlp([6, 5, 4], activation="tanh", seed=1)
+    masks = [{"W": rng.random((5, 6)) < 0.5}, {"W": rng.random((4, 5)) < 0.5}]
+    pruned = net.with_masks(masks)
+    x = rng.standard_normal((2, 6))
+    J = jac.jacobian(pruned, x)
+    W1 = net.params[0]["W"] * masks[0]["W"]
+    W2 = net.params[1]["W"] * masks[1]["W"]
+    h1 = x @ W1.T + net.params[0]["b"]
+    D1 = 1 - np.tanh(h1) ** 2
+    for b in range(2):
+        np.testing.assert_allclose(J[b], W2 @ np.diag(D1[b]) @ W1, rtol=1e-13, atol=1e-15)
+
+
+def test_orthogonal_deep_linear_jacobian_is_an_isometry():
+    net = rn.mlp([100] * 8, activation="linear", init="orthogonal", seed=3)
+    x = np.random.default_rng(0).standard_normal((4, 100))
+    s = np.linalg.svd(jac.jacobian(net, x), compute_uv=False)
+    np.testing.assert_allclose(s, 1.0, atol=1e-12)
+    # the paper's shape: 784-100x6-10; rows of J^{0,K} are orthonormal
+    net = rn.mlp([784] + [100] * 6 + [10], activation="linear", init="orthogonal", seed=0)
+    s = np.linalg.svd(jac.jacobian(net, np.zeros((2, 784))), compute_uv=False)
+    assert s.shape == (2, 10)
+    np.testing.assert_allclose(s, 1.0, atol=1e-12)
+
+
+def test_operator_and_extreme_singular_values():
+    rng = np.random.default_rng(2)
+    net = rn.mlp([60, 40, 40, 30], activation="tanh", init="glorot", seed=2)
+    x = rng.standard_normal(60)
+    J = jac.jacobian(net, x[None])[0]
+    op = jac.jacobian_operator(net, x)
+    v, u = rng.standard_normal(60), rng.standard_normal(30)
+    np.testing.assert_allclose(op.matvec(v), J @ v, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(op.rmatvec(u), J.T @ u, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(op.matmat(np.eye(60)), J, rtol=1e-12, atol=1e-14)
+    s = np.linalg.svd(J, compute_uv=False)
+    # ARPACK (Lanczos on the operator) is accurate to ~1e-10 here; LOBPCG iterates on the Gram
+    # matrix, so its error in sigma^2 scales with sigma_max^2: for sigma_min/sigma_max ~ 4e-3 it
+    # reaches ~1e-6 relative in sigma_min.
+    for method, rtol_small in (("arpack", 1e-9), ("lobpcg", 1e-4)):
+        r = jac.extreme_singular_values(net, x, k=2, method=method)
+        np.testing.assert_allclose(r["largest"], s[:2], rtol=1e-8)
+        np.testing.assert_allclose(r["smallest"], s[::-1][:2], rtol=rtol_small)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda n, x: jac.jacobian(n, x, 2, 2), r"0 <= start < end <= 2"),
+        (lambda n, x: jac.jacobian(n, x, 0, 3), r"0 <= start < end <= 2"),
+        (lambda n, x: jac.jacobian(n, x, mode="sideways"), "mode must be one of"),
+        (lambda n, x: jac.jacobian(n, x, max_elements=10), "max_elements=10.*matrix-free"),
+        (lambda n, x: jac.layer_jacobians(n, x, max_elements=10), "max_elements=10.*matrix-free"),
+        (lambda n, x: jac.jvp(n, x, np.zeros((3, 4))), r"v must have shape \(3, 5\)"),
+        (lambda n, x: jac.jacobian_operator(n, x), r"x must be one example"),
+        (lambda n, x: jac.extreme_singular_values(n, x[0], k=3), "k must be < min"),
+    ],
+)
+def test_errors(call, match):
+    net = rn.mlp([5, 4, 3], seed=0)
+    x = np.zeros((3, 5))
+    with pytest.raises(ValueError, match=match):
+        call(net, x)
+    with pytest.raises(TypeError, match="net must be a refnet Network"):
+        jac.jacobian("net", x)
