@@ -1,0 +1,44 @@
+"""refnet: a float64 reference for pruning at initialization seen through signal propagation.
+
+Exact gradients, Jacobians and pruning masks of MLPs and CNNs, from hand-derived backprop on
+NumPy (no autodiff anywhere in the engine).
+
+>>> import refnet as rn
+>>> net = rn.mlp([784] + [100] * 6 + [10], activation="tanh", init="orthogonal", seed=0)
+"""
+
+from . import activations, conv, data, init, layers, losses
+from .activations import Activation, get_activation
+from .init import Initializer, get_initializer
+from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
+from .losses import cross_entropy, get_loss, mse
+from .network import Network, Trace, load_network, mlp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "AvgPool2d",
+    "Conv2d",
+    "Dense",
+    "Flatten",
+    "GlobalAvgPool2d",
+    "Initializer",
+    "Layer",
+    "MaxPool2d",
+    "Network",
+    "Trace",
+    "activations",
+    "conv",
+    "cross_entropy",
+    "data",
+    "get_activation",
+    "get_initializer",
+    "get_loss",
+    "init",
+    "layers",
+    "load_network",
+    "losses",
+    "mlp",
+    "mse",
+]
