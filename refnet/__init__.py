@@ -7,17 +7,26 @@ NumPy (no autodiff anywhere in the engine).
 >>> net = rn.mlp([784] + [100] * 6 + [10], activation="tanh", init="orthogonal", seed=0)
 """
 
-from . import activations, conv, data, init, layers, losses
+from . import activations, arch, conv, data, init, jacobian, layers, losses
 from .activations import Activation, get_activation
 from .init import Initializer, get_initializer
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
 from .losses import cross_entropy, get_loss, mse
+from .arch import build
+from .jacobian import jacobian, layer_jacobians
 from .network import Network, Trace, load_network, mlp
+from .train import History, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "History",
+    "arch",
+    "build",
+    "jacobian",
+    "layer_jacobians",
+    "train",
     "AvgPool2d",
     "Conv2d",
     "Dense",

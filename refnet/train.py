@@ -1,0 +1,562 @@
+r"""Mini-batch SGD with heavy-ball momentum on a (possibly pruned) network.
+
+The objective is the papers' (PAPER.md section 8)
+
+.. math:: \mathcal{L}(W) = \frac{1}{B} \sum_{i \in \text{batch}} \ell(f(x_i; c \odot W), y_i)
+          + \lambda \sum_l \lVert c^l \odot W^l \rVert_F^2 ,
+
+with ``c`` the masks and ``lambda`` = ``weight_decay`` (biases are not decayed). One step, for
+every parameter ``W`` with gradient ``g = dL/dW`` (exactly zero at pruned entries):
+
+.. math:: v \leftarrow \mu v + g, \qquad W \leftarrow W - \eta v ,
+
+``mu`` = ``momentum`` and ``eta`` = ``lr`` (``v`` starts at 0; ``momentum=0`` is plain SGD).
+Since ``g`` and ``v`` are zero wherever ``c = 0``, the stored ``W`` at pruned positions never
+changes and the effective weight ``c * W`` there stays exactly zero.
+
+Batches are epochs of a random permutation of the training rows drawn from
+``numpy.random.default_rng(seed)``: each epoch visits ``floor(n / batch_size)`` full batches (the
+last ``n mod batch_size`` rows of that epoch's permutation are skipped, so every step sees exactly
+``batch_size`` examples and the skipped rows differ from epoch to epoch). No global RNG is used; a
+seed gives bitwise identical parameters on every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ._checks import as_rng, check_array, check_float, check_int, check_labels
+from .losses import get_loss
+from .network import Network
+
+__all__ = ["History", "train", "load_history"]
+
+HISTORY_FORMAT = "refnet.History"
+HISTORY_VERSION = 1
+DEFAULT_N_EVALS = 20  # eval_every=None -> about this many evaluations over the run
+
+
+# ============================================================================================
+# History
+# ============================================================================================
+
+
+@dataclass
+class History:
+    """What a training run recorded, one entry per evaluation point.
+
+    Lists (same length, one entry per evaluation):
+
+    steps : list of int
+        Optimiser steps completed at the evaluation (1-based; the last one is the final step).
+    train_loss : list of float
+        Mean of the mini-batch objective (loss + weight-decay term) over the steps since the
+        previous evaluation.
+    test_loss, test_acc : list of float or None
+        Mean loss (without weight decay) and accuracy on the whole test set (None without one).
+    train_acc : list of float or None
+        Accuracy on the first ``min(n, train_eval_size)`` training rows (None if disabled).
+    elapsed : list of float
+        Seconds since the start of training (evaluation time included).
+
+    Settings: ``n_steps`` (steps asked for), ``lr``, ``momentum``, ``weight_decay``,
+    ``batch_size``, ``loss`` (name), ``seed`` (int, or None for a Generator), ``n_train``,
+    ``n_test``, ``eval_every``. State: ``status`` is "running", "completed", "stopped" (the
+    callback asked to stop), "diverged" (non-finite loss; ``error`` says where), "interrupted"
+    (KeyboardInterrupt) or "failed" (another exception, named in ``error``);
+    ``wall_time`` is the total seconds. ``meta`` is free-form JSON-able information (the CLI puts
+    the data set, architecture and init there).
+    """
+
+    n_steps: int = 0
+    lr: float = 0.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 0
+    loss: str = "cross_entropy"
+    seed: int | None = None
+    n_train: int = 0
+    n_test: int = 0
+    eval_every: int = 0
+    steps: list = field(default_factory=list)
+    train_loss: list = field(default_factory=list)
+    test_loss: list = field(default_factory=list)
+    test_acc: list = field(default_factory=list)
+    train_acc: list = field(default_factory=list)
+    elapsed: list = field(default_factory=list)
+    status: str = "running"
+    error: str | None = None
+    wall_time: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ summaries
+    @property
+    def _test_points(self) -> list:
+        return [(s, a) for s, a in zip(self.steps, self.test_acc) if a is not None]
+
+    @property
+    def best_test_error(self) -> float | None:
+        """``1 - max(test_acc)`` over the checkpoints (the papers' reported error); None if no
+        test set was evaluated."""
+        pts = self._test_points
+        return None if not pts else 1.0 - max(a for _, a in pts)
+
+    @property
+    def best_test_step(self) -> int | None:
+        """The step of the best test accuracy (the first one on ties)."""
+        pts = self._test_points
+        if not pts:
+            return None
+        best = max(a for _, a in pts)
+        return next(s for s, a in pts if a == best)
+
+    @property
+    def final_test_acc(self) -> float | None:
+        """Test accuracy at the last evaluation (None if no test set)."""
+        return self.test_acc[-1] if self.test_acc else None
+
+    @property
+    def final_test_error(self) -> float | None:
+        acc = self.final_test_acc
+        return None if acc is None else 1.0 - acc
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.train_loss[-1] if self.train_loss else None
+
+    @property
+    def steps_done(self) -> int:
+        return self.steps[-1] if self.steps else 0
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict:
+        """A JSON-able dict (floats, ints, None, lists) with ``format`` and ``version`` keys."""
+        d = dataclasses.asdict(self)
+        d["best_test_error"] = self.best_test_error
+        d["best_test_step"] = self.best_test_step
+        d["final_test_acc"] = self.final_test_acc
+        return {"format": HISTORY_FORMAT, "version": HISTORY_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        """Inverse of :meth:`to_dict` (derived keys are ignored, unknown keys are an error)."""
+        if not isinstance(d, dict) or d.get("format") != HISTORY_FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"d must be a {HISTORY_FORMAT} dict, got format {got!r}")
+        if d.get("version") != HISTORY_VERSION:
+            raise ValueError(f"d must have version {HISTORY_VERSION}, got {d.get('version')!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        derived = {"format", "version", "best_test_error", "best_test_step", "final_test_acc"}
+        unknown = set(d) - names - derived
+        if unknown:
+            raise ValueError(f"d has unknown keys {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save_json(self, path) -> None:
+        """Write :meth:`to_dict` as JSON to ``path`` atomically (temporary file in the same
+        folder, then ``os.replace``), so a reader never sees a half-written file."""
+        path = os.fspath(path)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load_json(cls, path) -> "History":
+        """Read a history written by :meth:`save_json`."""
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+
+def load_history(path) -> History:
+    """Read a history JSON file written by :meth:`History.save_json`."""
+    return History.load_json(path)
+
+
+# ============================================================================================
+# Progress line
+# ============================================================================================
+
+
+class _Progress:
+    """One self-overwriting status line, redrawn at most every ``interval`` seconds."""
+
+    def __init__(self, stream, total: int, interval: float = 0.1):
+        self.stream, self.total, self.interval = stream, total, interval
+        self.t0 = time.perf_counter()
+        self.last = -math.inf
+        self.width = 0
+
+    def update(self, step: int, loss: float, test_acc, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        dt = now - self.t0
+        rate = step / dt if dt > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        acc = "  -   " if test_acc is None else f"{test_acc:.4f}"
+        line = (
+            f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  test acc {acc}  "
+            f"{rate:,.0f} steps/s  eta {eta:,.0f}s"
+        )
+        pad = max(0, self.width - len(line))
+        self.width = len(line)
+        self.stream.write("\r" + line + " " * pad)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _progress_stream(progress):
+    if progress is None:
+        isatty = getattr(sys.stderr, "isatty", None)
+        return sys.stderr if isatty is not None and isatty() else None
+    if progress is True:
+        return sys.stderr
+    if progress is False:
+        return None
+    if hasattr(progress, "write"):
+        return progress
+    raise TypeError(f"progress must be None, True, False or a text stream, got {type(progress).__name__}")
+
+
+# ============================================================================================
+# Argument checks
+# ============================================================================================
+
+
+def _check_targets(net: Network, X, y, xname: str, yname: str):
+    X = net.check_input(X, xname)
+    if X.shape[0] == 0:
+        raise ValueError(f"{xname} must hold at least one example, got shape {X.shape}")
+    n_classes = net.out_shape[0]
+    y_arr = np.asarray(y)
+    if y_arr.ndim == 2:
+        y_arr = check_array(y_arr, yname, shape=(X.shape[0], n_classes), dtype=net.dtype)
+    else:
+        if y_arr.ndim != 1:
+            raise ValueError(
+                f"{yname} must be labels of shape ({X.shape[0]},) or targets ({X.shape[0]}, {n_classes}), "
+                f"got shape {y_arr.shape}"
+            )
+        if y_arr.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"{yname} must have one label per row of {xname} ({X.shape[0]}), got {y_arr.shape[0]}"
+            )
+        y_arr = check_labels(y_arr, yname, n=X.shape[0], n_classes=n_classes)
+    return X, y_arr
+
+
+def _loss_name(loss) -> str:
+    if isinstance(loss, str):
+        return loss
+    return getattr(loss, "__name__", type(loss).__name__)
+
+
+def _evaluate(net: Network, X, y, loss_fn, step: int, what: str, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean loss and accuracy, as :meth:`Network.evaluate`, but a non-finite network output is a
+    FloatingPointError (the net diverged) rather than the loss's ValueError."""
+    total, correct = 0.0, 0
+    labels = y if y.ndim == 1 else y.argmax(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(0, len(X), batch_size):
+            out = net.forward(X[i : i + batch_size])  # (b, n_classes)
+            if not np.isfinite(out).all():
+                raise FloatingPointError(
+                    f"training diverged after step {step}: the network output on the {what} is not "
+                    "finite; try a smaller lr"
+                )
+            value, _ = loss_fn(out, y[i : i + batch_size])
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training diverged after step {step}: the loss on the {what} is {value}; try a smaller lr"
+                )
+            total += float(value) * len(out)
+            correct += int(np.sum(out.argmax(axis=1) == labels[i : i + batch_size]))
+    return total / len(X), correct / len(X)
+
+
+# ============================================================================================
+# train
+# ============================================================================================
+
+
+def train(
+    net: Network,
+    X,
+    y,
+    *,
+    steps: int = 1000,
+    lr: float = 0.1,
+    batch_size: int = 100,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    loss="cross_entropy",
+    seed=0,
+    X_test=None,
+    y_test=None,
+    eval_every: int | None = None,
+    progress=None,
+    callback: Callable | None = None,
+    history_path=None,
+    train_eval_size: int = 1000,
+    meta: dict | None = None,
+) -> History:
+    r"""Train ``net`` in place with mini-batch SGD and heavy-ball momentum.
+
+    Each step draws the next batch of ``batch_size`` rows (epochs of a permutation from
+    ``seed``), computes the mean loss plus ``weight_decay * sum_l ||c^l * W^l||^2`` and its
+    gradient ``g`` with :meth:`Network.loss_and_grads`, then for every parameter
+
+    .. math:: v \leftarrow \mu v + g, \qquad W \leftarrow W - \eta v.
+
+    ``net.params`` arrays are updated in place (the same array objects), so the ``net`` passed
+    in ends trained. Pruned entries have ``g = v = 0``: the stored ``W`` there never changes.
+
+    Parameters
+    ----------
+    net : Network
+        Its output must be ``(n_classes,)`` logits.
+    X : ndarray, shape (n, *net.in_shape)
+    y : ndarray, shape (n,) int labels in ``[0, n_classes)``, or (n, n_classes) float targets
+    steps : int >= 1
+        Optimiser steps (mini-batches).
+    lr : float > 0
+        Learning rate ``eta`` (constant).
+    batch_size : int, 1 <= batch_size <= n
+    momentum : float in [0, 1)
+        ``mu``; 0 is plain SGD.
+    weight_decay : float >= 0
+        ``lambda`` of the penalty on the masked weights (PAPER.md uses 0.00025).
+    loss : "cross_entropy", "mse" or a callable ``(z, y) -> (loss, eps)``
+    seed : int or numpy.random.Generator
+        Source of the batch order (a Generator is advanced).
+    X_test, y_test : ndarray, optional
+        Evaluated (mean loss, accuracy) at every evaluation point; both or neither.
+    eval_every : int >= 1, optional
+        Steps between evaluations; the last step is always evaluated. Default: about 20
+        evaluations over the run (``max(1, steps // 20)``).
+    progress : None, bool or text stream
+        A progress line (step, loss, test accuracy, rate), redrawn at most 10 times a second.
+        None: on stderr only if stderr is a terminal; True: stderr; False: none; a stream: there.
+    callback : callable, optional
+        Called after every evaluation as ``callback(history, net)``; if it returns True training
+        stops (``history.status == "stopped"``).
+    history_path : str or os.PathLike, optional
+        The history is written there (atomically, as JSON) after every evaluation and when the
+        run ends, also when it ends by an error, so an interrupted run keeps what it finished.
+    train_eval_size : int >= 0
+        Training accuracy is measured on the first ``min(n, train_eval_size)`` rows at each
+        evaluation (0 disables it).
+    meta : dict, optional
+        JSON-able information stored in ``History.meta``.
+
+    Returns
+    -------
+    History
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments (the message names the argument); the network is not touched.
+    FloatingPointError
+        Training diverged; the message names the step. "at step s": the loss, the output, a
+        gradient or an updated parameter of step s was non-finite, and the network keeps the
+        parameters from before step s. "after step s": the parameters after step s are finite but
+        the network's output on the evaluation data is not (the network keeps them). The history
+        file, if any, is written with ``status="diverged"``.
+    """
+    # ---------------------------------------------------------------- validate everything first
+    if not isinstance(net, Network):
+        raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")
+    if len(net.out_shape) != 1:
+        raise ValueError(f"net must output (B, n_classes) logits for training, got per-example shape {net.out_shape}")
+    X, y = _check_targets(net, X, y, "X", "y")
+    n = X.shape[0]
+    steps = check_int(steps, "steps", min_value=1)
+    lr = check_float(lr, "lr", min_value=0.0, min_inclusive=False)
+    batch_size = check_int(batch_size, "batch_size", min_value=1)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be <= the number of training examples ({n}), got {batch_size}")
+    momentum = check_float(momentum, "momentum", min_value=0.0, max_value=1.0, max_inclusive=False)
+    weight_decay = check_float(weight_decay, "weight_decay", min_value=0.0)
+    loss_fn = get_loss(loss)
+    if (X_test is None) != (y_test is None):
+        raise ValueError("X_test and y_test must be given together (or neither)")
+    if X_test is not None:
+        X_test, y_test = _check_targets(net, X_test, y_test, "X_test", "y_test")
+    if eval_every is None:
+        eval_every = max(1, steps // DEFAULT_N_EVALS)
+    else:
+        eval_every = check_int(eval_every, "eval_every", min_value=1)
+    stream = _progress_stream(progress)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if history_path is not None and not isinstance(history_path, (str, os.PathLike)):
+        raise TypeError(f"history_path must be a str or os.PathLike, got {type(history_path).__name__}")
+    train_eval_size = check_int(train_eval_size, "train_eval_size", min_value=0)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"meta must be JSON-able: {exc}") from None
+    seed_value = None if isinstance(seed, np.random.Generator) else seed
+    rng = as_rng(seed)
+    for i, (p, m) in enumerate(zip(net.params, net.masks)):
+        for k, a in p.items():
+            if not np.all(np.isfinite(a[m[k]])):
+                raise ValueError(f"net.params[{i}][{k!r}] must be finite at kept entries before training")
+
+    hist = History(
+        n_steps=steps,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        loss=_loss_name(loss),
+        seed=int(seed_value) if seed_value is not None else None,
+        n_train=n,
+        n_test=0 if X_test is None else int(X_test.shape[0]),
+        eval_every=eval_every,
+        meta=dict(meta),
+    )
+    X_tr_eval = X[: min(n, train_eval_size)]
+    y_tr_eval = y[: min(n, train_eval_size)]
+
+    # ---------------------------------------------------------------- state
+    # Which parameters are pruned somewhere: their update is multiplied by the mask (belt and
+    # braces; the network already returns exactly-zero gradients there).
+    params, masks = net.params, net.masks
+    keys = [[k for k in p] for p in params]
+    partial = [{k: (None if masks[l][k].all() else masks[l][k]) for k in keys[l]} for l in range(len(params))]
+    velocity = [{k: np.zeros_like(params[l][k]) for k in keys[l]} for l in range(len(params))] if momentum else None
+    bar = _Progress(stream, steps) if stream is not None else None
+    t0 = time.perf_counter()
+    per_epoch = n // batch_size
+    order = None
+    loss_sum, loss_count = 0.0, 0
+    last_acc = None
+
+    def save():
+        hist.wall_time = time.perf_counter() - t0
+        if history_path is not None:
+            hist.save_json(history_path)
+
+    def evaluate(step: int) -> None:
+        nonlocal loss_sum, loss_count, last_acc
+        # compute everything first, so that a failure leaves the lists consistent
+        tl = ta = tra = None
+        if X_test is not None:
+            tl, ta = _evaluate(net, X_test, y_test, loss_fn, step, "test set")
+            last_acc = ta
+        if len(X_tr_eval):
+            tra = _evaluate(net, X_tr_eval, y_tr_eval, loss_fn, step, "training rows")[1]
+        hist.steps.append(step)
+        hist.train_loss.append(loss_sum / loss_count)
+        hist.test_loss.append(tl)
+        hist.test_acc.append(ta)
+        hist.train_acc.append(tra)
+        hist.elapsed.append(time.perf_counter() - t0)
+        loss_sum, loss_count = 0.0, 0
+        save()
+
+    try:
+        for step in range(1, steps + 1):
+            j = (step - 1) % per_epoch
+            if j == 0:
+                order = rng.permutation(n)
+            idx = order[j * batch_size : (j + 1) * batch_size]
+            xb, yb = X[idx], y[idx]  # (batch_size, *in_shape), (batch_size,)
+            with np.errstate(over="ignore", invalid="ignore"):
+                try:
+                    value, grads = net.loss_and_grads(xb, yb, loss=loss_fn, weight_decay=weight_decay)
+                except ValueError as exc:
+                    # the inputs were validated, so a failure here is non-finite activations
+                    # (the loss refuses non-finite logits); anything else is re-raised as is
+                    if np.isfinite(net.forward(xb)).all():
+                        raise
+                    raise FloatingPointError(
+                        f"training diverged at step {step}: the network output is not finite ({exc}); "
+                        "try a smaller lr"
+                    ) from exc
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training diverged at step {step}: loss is {value}; try a smaller lr")
+            # compute every update first, apply only if all are finite
+            updates = []
+            for l, (p, g) in enumerate(zip(params, grads)):
+                for k in keys[l]:
+                    gk = g[k]
+                    if partial[l][k] is not None:
+                        gk = np.where(partial[l][k], gk, 0.0)
+                    if velocity is not None:
+                        v = momentum * velocity[l][k] + gk  # v = mu v + g
+                    else:
+                        v = gk
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        new = p[k] - lr * v  # W - eta v
+                    if not np.isfinite(new).all():
+                        raise FloatingPointError(
+                            f"training diverged at step {step}: non-finite update of params[{l}][{k!r}] "
+                            f"(loss {value:.6g}); try a smaller lr"
+                        )
+                    updates.append((l, k, v, new))
+            for l, k, v, new in updates:
+                params[l][k][...] = new
+                if velocity is not None:
+                    velocity[l][k] = v
+            loss_sum += value
+            loss_count += 1
+            if step % eval_every == 0 or step == steps:
+                evaluate(step)
+                if callback is not None and callback(hist, net) is True:
+                    hist.status = "stopped"
+                    break
+            if bar is not None:
+                bar.update(step, loss_sum / loss_count if loss_count else hist.train_loss[-1], last_acc,
+                           force=step == steps)
+        else:
+            hist.status = "completed"
+    except FloatingPointError as exc:
+        hist.status, hist.error = "diverged", str(exc)
+        save()
+        raise
+    except KeyboardInterrupt:
+        hist.status, hist.error = "interrupted", "KeyboardInterrupt"
+        save()
+        raise
+    except Exception as exc:
+        hist.status, hist.error = "failed", f"{type(exc).__name__}: {exc}"
+        save()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    save()
+    return hist

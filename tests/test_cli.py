@@ -1,0 +1,267 @@
+"""Tests for refnet.cli (run in-process through main(argv)) and refnet.arch (spec strings).
+
+Every test here was seen failing once on a planted bug (noted per test).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from refnet import data
+from refnet.arch import ARCH_HELP, build, parse_arch
+from refnet.cli import _SUBCOMMANDS, build_parser, main, register
+from refnet.layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
+from refnet.network import load_network, mlp
+
+TINY = ["--data", "synthetic", "--arch", "mlp-3-tanh-w16", "--steps", "40", "--eval-every", "10"]
+RESULT = re.compile(
+    r"test accuracy: (\d\.\d{4}) \(test error (\d+\.\d\d)%\), best test error (\d+\.\d\d)% at step (\d+), time [\d.]+s"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# refnet train
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_writes_files_and_reports_accuracy(tmp_path, capsys):
+    # planted bugs seen failing: printing the best instead of the final test accuracy; the CLI
+    # seeding the init differently from build(..., seed=SEED)
+    out = tmp_path / "run"
+    # lr 1.0, seed 1: the best checkpoint (step 10) is not the final one, so the two differ
+    assert main(["train", *TINY, "--out", str(out), "--seed", "1", "--lr", "1.0"]) == 0
+    stdout = capsys.readouterr().out
+    assert "Dense[tanh]" in stdout and "total parameters" in stdout  # the summary
+    assert "step 20/40" in stdout  # one line per evaluation (stderr is not a terminal)
+    m = RESULT.search(stdout)
+    assert m, stdout
+    acc, err, best, best_step = float(m[1]), float(m[2]), float(m[3]), int(m[4])
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["status"] == "completed" and hist["steps"] == [10, 20, 30, 40]
+    assert acc == pytest.approx(hist["test_acc"][-1], abs=5e-5)
+    assert err == pytest.approx(100 * (1 - acc), abs=6e-3)
+    assert best == pytest.approx(100 * hist["best_test_error"], abs=5e-3)
+    assert best_step == hist["best_test_step"] < 40 and best < err  # guard: best != final
+    assert hist["meta"]["arch"] == "mlp-3-tanh-w16" and hist["meta"]["init"] == "orthogonal"
+    assert hist["seed"] == 1 and hist["lr"] == 1.0 and hist["batch_size"] == 100
+    # the saved network is the trained one and matches the library path with the same seed
+    net = load_network(out / "net.npz")
+    Xt, yt = data.load("synthetic", split="test")
+    assert net.evaluate(Xt, yt)[1] == hist["test_acc"][-1]
+    ref = build("mlp-3-tanh-w16", (20,), 4, init="orthogonal", seed=1)
+    from refnet.train import train
+
+    X, y = data.load("synthetic", split="train")
+    train(ref, X, y, steps=40, lr=1.0, seed=1, eval_every=10)
+    for p, q in zip(net.params, ref.params):
+        for k in p:
+            np.testing.assert_array_equal(p[k], q[k])
+
+
+def test_train_quiet_prints_one_line(tmp_path, capsys):
+    # planted bug seen failing: --quiet still printing the summary
+    assert main(["train", *TINY, "--quiet", "--out", str(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    lines = cap.out.strip().splitlines()
+    assert len(lines) == 1 and RESULT.fullmatch(lines[0]), cap.out
+    assert cap.err == ""
+
+
+def test_train_conv_on_digits_with_momentum_and_init_args(tmp_path, capsys):
+    # planted bug seen failing: --gain not passed to the initializer
+    args = ["train", "--data", "digits", "--arch", "cnn-small-relu", "--init", "delta_orthogonal",
+            "--gain", "1.4142", "--sigma-b", "0.01", "--steps", "6", "--batch-size", "50",
+            "--momentum", "0.9", "--weight-decay", "0.00025", "--lr", "0.05", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    net = load_network(tmp_path / "net.npz")
+    assert net.in_shape == (1, 8, 8)
+    assert net.init[0].kwargs["gain"] == pytest.approx(1.4142)
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert hist["momentum"] == 0.9 and hist["weight_decay"] == 0.00025
+
+
+def test_train_sg_init_with_gamma(tmp_path):
+    # planted bug seen failing: --gamma not passed to the initializer
+    assert main(["train", *TINY, "--init", "sg", "--gamma", "0.01", "--quiet", "--out", str(tmp_path)]) == 0
+    assert load_network(tmp_path / "net.npz").init[0].kwargs["gamma"] == 0.01
+
+
+BAD_ARGS = [
+    (["--steps", "0"], "--steps"),
+    (["--steps", "ten"], "--steps"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--momentum", "1"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--seed", "-2"], "--seed"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--arch", "mlp-x-tanh"], "--arch"),
+    (["--arch", "mlp-3-wiggle"], "--arch"),
+    (["--init", "xavier"], "--init"),
+    (["--data", "cifar"], "--data"),
+    (["--gain", "0"], "--gain"),
+    (["--bogus"], "--bogus"),
+    (["--init", "sg"], "gamma"),  # sg needs --gamma
+    (["--init", "lecun", "--gain", "2"], "gain"),  # gain does not apply to lecun
+    (["--arch", "lenet5"], "lenet5"),  # synthetic data are not 28x28 images
+    (["--batch-size", "5000"], "batch_size"),  # more than the 1000 training rows
+]
+
+
+@pytest.mark.parametrize("extra,name", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_arguments_return_2_and_name_the_argument(tmp_path, capsys, extra, name):
+    # planted bug seen failing: catching only CLIError (so ValueError escapes as a traceback)
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic", "--arch", "mlp-2-tanh", "--steps", "2", "--out", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refnet: error: "), err
+    assert name in err
+    assert "Traceback" not in err
+    assert not (out / "net.npz").exists()
+
+
+def test_no_command_help_and_version(capsys):
+    # planted bug seen failing: a different message for a missing command
+    assert main([]) == 2
+    assert "a command is required" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    helptext = capsys.readouterr().out
+    assert "--weight-decay" in helptext and "mlp-K-ACT" in helptext
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("refnet ")
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    # planted bug seen failing: no check of --out (the OSError message does not name --out)
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["train", *TINY, "--out", str(f)]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_registry_accepts_new_subcommands(capsys):
+    # planted bug seen failing: build_parser adding only the train command
+    ran = []
+
+    def add(p):
+        p.add_argument("--n", type=int, default=1)
+
+    def run(args):
+        ran.append(args.n)
+        return 0
+
+    register("_probe", "a test command", add, run)
+    try:
+        assert main(["_probe", "--n", "5"]) == 0 and ran == [5]
+        assert "_probe" in build_parser().format_help()
+    finally:
+        del _SUBCOMMANDS["_probe"]
+    assert main(["_probe"]) == 2
+
+
+def test_python_dash_m_refnet():
+    # planted bug seen failing: __main__.py not calling main()
+    r = subprocess.run([sys.executable, "-m", "refnet", "train", "--steps", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "refnet: error: argument --steps" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# refnet.arch
+# --------------------------------------------------------------------------------------------
+
+
+def _kinds(net):
+    return [type(layer).__name__ for layer in net.layers]
+
+
+def test_mlp_7_tanh_is_the_papers_mlp():
+    # planted bug seen failing: K - 2 hidden layers instead of K - 1
+    net = build("mlp-7-tanh", (784,), 10, init="orthogonal", seed=0)
+    ref = mlp([784] + [100] * 6 + [10], activation="tanh", init="orthogonal", seed=0)
+    assert [layer for layer in net.layers] == [layer for layer in ref.layers]
+    for p, q in zip(net.params, ref.params):
+        np.testing.assert_array_equal(p["W"], q["W"])
+    assert [str(layer.activation) for layer in net.layers] == ["tanh"] * 6 + ["identity"]
+
+
+@pytest.mark.parametrize(
+    "spec,in_shape,kinds,out_sizes",
+    [
+        ("mlp-3-relu-w200", (64,), ["Dense"] * 3, [200, 200, 10]),
+        ("MLP-1-linear", (64,), ["Dense"], [10]),
+        ("mlp-2-leaky_relu", (1, 8, 8), ["Flatten", "Dense", "Dense"], [64, 100, 10]),
+        ("lenet300", (784,), ["Dense"] * 3, [300, 100, 10]),
+        ("lenet300", (1, 28, 28), ["Flatten"] + ["Dense"] * 3, [784, 300, 100, 10]),
+    ],
+)
+def test_mlp_specs(spec, in_shape, kinds, out_sizes):
+    # planted bug seen failing: activation on the last (logit) layer too
+    net = build(spec, in_shape, 10, seed=0)
+    assert _kinds(net) == kinds
+    assert [s[0] for s in net.shapes[1:]] == out_sizes
+    assert net.in_shape == in_shape
+    assert str(net.layers[-1].activation) == "identity"
+
+
+def test_lenet5_is_lenet5_caffe():
+    # planted bug seen failing: ReLU after the convolutions of plain lenet5
+    net = build("lenet5", (1, 28, 28), 10, seed=0)
+    assert _kinds(net) == ["Conv2d", "MaxPool2d", "Conv2d", "MaxPool2d", "Flatten", "Dense", "Dense"]
+    assert net.n_params == 431_080  # 520 + 25,050 + 400,500 + 5,010
+    assert net.shapes[4] == (50, 4, 4) and net.out_shape == (10,)
+    assert str(net.layers[0].activation) == "identity" and str(net.layers[5].activation) == "relu"
+    assert str(build("lenet5-relu", (1, 28, 28), 10, seed=0).layers[2].activation) == "relu"
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28))
+    assert net.forward(x).shape == (2, 10)
+
+
+def test_cnn_small():
+    # planted bug seen failing: padding 0 in the first convolution
+    net = build("cnn-small-tanh", (1, 8, 8), 10, seed=0)
+    assert _kinds(net) == ["Conv2d", "AvgPool2d", "Conv2d", "GlobalAvgPool2d", "Dense"]
+    assert net.shapes[1:] == [(16, 8, 8), (16, 4, 4), (32, 4, 4), (32,), (10,)]
+    assert isinstance(net.layers[0], Conv2d) and net.layers[0].padding == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "spec,in_shape,exc,match",
+    [
+        ("resnet", (784,), ValueError, "mlp-K-ACT"),
+        ("mlp-0-tanh", (784,), ValueError, "K must be >= 1"),
+        ("mlp-3-tanh-w0", (784,), ValueError, "width"),
+        ("mlp-3-foo", (784,), ValueError, "unknown activation 'foo'"),
+        ("mlp-3", (784,), ValueError, "lenet300"),
+        (7, (784,), TypeError, "arch"),
+        ("lenet5", (784,), ValueError, "image in_shape"),
+        ("lenet5", (1, 8, 8), ValueError, "H, W >= 16"),
+        ("cnn-small-relu", (64,), ValueError, "image in_shape"),
+        ("mlp-3-tanh", (1, 28), ValueError, "in_shape"),
+    ],
+)
+def test_bad_specs(spec, in_shape, exc, match):
+    # planted bug seen failing: no check of K >= 1
+    with pytest.raises(exc, match=re.escape(match)):
+        build(spec, in_shape, 10)
+
+
+def test_parse_arch_and_help():
+    # planted bug seen failing: accepting any suffix after mlp-K-ACT[-wN] (re.match, not fullmatch)
+    a = parse_arch("mlp-5-linear-w50")
+    assert (a.family, a.depth, a.activation, a.width, a.flat_input) == ("mlp", 5, "identity", 50, True)
+    assert parse_arch("cnn-small-relu").flat_input is False
+    for pattern in ("mlp-K-ACT", "lenet300", "lenet5", "cnn-small-ACT"):
+        assert pattern in ARCH_HELP
+    with pytest.raises(ValueError, match="mlp-7-tanh-w200x"):
+        parse_arch("mlp-7-tanh-w200x")
+    assert isinstance(build("mlp-2-tanh", 5, 3).layers[0], Dense)
+    assert not any(isinstance(layer, (Flatten, MaxPool2d, AvgPool2d, GlobalAvgPool2d)) for layer in build("mlp-2-tanh", 5, 3).layers)
