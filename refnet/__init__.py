@@ -13,7 +13,7 @@ from .init import Initializer, get_initializer
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
 from .losses import cross_entropy, get_loss, mse
 from .arch import build
-from .jacobian import jacobian, layer_jacobians
+from .jacobian import layer_jacobians
 from .network import Network, Trace, load_network, mlp
 from .train import History, train
 
@@ -24,7 +24,6 @@ __all__ = [
     "History",
     "arch",
     "build",
-    "jacobian",
     "layer_jacobians",
     "train",
     "AvgPool2d",
