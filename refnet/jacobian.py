@@ -76,8 +76,8 @@ def _budget(n_elements: int, max_elements, what: str) -> None:
 # -------------------------------------------------------------------------------------------
 
 
-def _effective_W(params, cache, mask):
-    mW = cache["mW"] if "mW" in cache else _mask_of(mask, "W")
+def _effective_W(params, mask):
+    mW = _mask_of(mask, "W")
     return params["W"] if mW is None else params["W"] * mW
 
 
@@ -85,7 +85,7 @@ def _vjp_many(layer, params, cache, mask, G, in_shape, out_shape):
     """``G J`` for a stack ``G`` (B, m, N_out) of cotangents: (B, m, N_in)."""
     B, m, _ = G.shape
     if isinstance(layer, Dense):
-        W = _effective_W(params, cache, mask)
+        W = _effective_W(params, mask)
         return ((G * cache["D"][:, None, :]).reshape(B * m, -1) @ W).reshape(B, m, W.shape[1])
     if isinstance(layer, Flatten):
         return G
@@ -100,7 +100,7 @@ def _jvp_many(layer, params, cache, mask, V, in_shape, out_shape):
     """``(J V^T)^T`` for a stack ``V`` (B, m, N_in) of tangents: (B, m, N_out)."""
     B, m, _ = V.shape
     if isinstance(layer, Dense):
-        W = _effective_W(params, cache, mask)
+        W = _effective_W(params, mask)
         return (V.reshape(B * m, -1) @ W.T).reshape(B, m, W.shape[0]) * cache["D"][:, None, :]
     if isinstance(layer, Flatten):
         return V

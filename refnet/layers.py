@@ -193,11 +193,11 @@ class Dense(Layer):
         if self.bias:
             h = h + _masked(params, mask, "b")
         y, D = self.activation.phi_dphi(h)  # (B, n_out) each
-        return y, {"x": x, "h": h, "D": D, "mW": mW}
+        return y, {"x": x, "h": h, "D": D}
 
     def vjp(self, params, cache, g, mask=None, input_grad=True):
         gh = g * cache["D"]  # (B, n_out): dL/dh
-        mW = cache["mW"] if "mW" in cache else _mask_of(mask, "W")
+        mW = _mask_of(mask, "W")
         gW = gh.T @ cache["x"]  # (n_out, n_in)
         grads = {"W": gW if mW is None else gW * mW}
         if self.bias:
