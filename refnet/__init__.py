@@ -7,7 +7,7 @@ NumPy (no autodiff anywhere in the engine).
 >>> net = rn.mlp([784] + [100] * 6 + [10], activation="tanh", init="orthogonal", seed=0)
 """
 
-from . import activations, arch, conv, data, init, jacobian, layers, losses
+from . import activations, arch, conv, data, init, jacobian, layers, losses, prop1, pruning
 from .activations import Activation, get_activation
 from .init import Initializer, get_initializer
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
@@ -15,6 +15,18 @@ from .losses import cross_entropy, get_loss, mse
 from .arch import build
 from .jacobian import layer_jacobians
 from .network import Network, Trace, load_network, mlp
+from .prop1 import mask_gradients, prop1_gradients, prop1_report
+from .pruning import (
+    LayerCollapseWarning,
+    connection_sensitivity,
+    magnitude_scores,
+    prune,
+    pruning_report,
+    random_scores,
+    snip,
+    synflow_prune,
+    synflow_scores,
+)
 from .train import History, train
 
 __version__ = "0.1.0"
@@ -25,6 +37,20 @@ __all__ = [
     "arch",
     "build",
     "layer_jacobians",
+    "LayerCollapseWarning",
+    "connection_sensitivity",
+    "magnitude_scores",
+    "mask_gradients",
+    "prop1",
+    "prop1_gradients",
+    "prop1_report",
+    "prune",
+    "pruning",
+    "pruning_report",
+    "random_scores",
+    "snip",
+    "synflow_prune",
+    "synflow_scores",
     "train",
     "AvgPool2d",
     "Conv2d",

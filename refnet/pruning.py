@@ -1,0 +1,830 @@
+r"""Pruning at initialization: scores, top-k masks and layer-collapse checks.
+
+Scores (each a list with one dict per layer, keys and shapes as ``net.params``; ``{}`` for
+parameter-free layers; "W" always, "b" only when asked for):
+
+* :func:`connection_sensitivity` -- SNIP's connection sensitivity (PAPER.md section 4). With an
+  auxiliary mask ``c`` on the weights, ``L(c * w)``,
+
+  .. math:: g_j = \frac{\partial L(c \odot w)}{\partial c_j}\Big|_{c=1}
+                = \frac{\partial L}{\partial w_j}\, w_j, \qquad
+            s_j = \frac{|g_j|}{\sum_k |g_k|}.
+
+  For a network that already carries a mask ``m`` the auxiliary ``c`` multiplies its effective
+  weights ``m * w``, so ``g_j = (dL/dW_eff)_j (m_j w_j)``, which is zero on pruned entries.
+  (:func:`refnet.prop1.mask_gradients` is the derivative with respect to ``m`` itself, which is the
+  sensitivity of re-adding a pruned connection; the two agree on kept entries.)
+  The loss may be supervised ("cross_entropy", "mse", a callable) or one of the unsupervised
+  losses of PAPER.md section 9 (:data:`UNSUPERVISED_LOSSES`, see :func:`unsupervised_targets`).
+* :func:`random_scores`, :func:`magnitude_scores` -- baselines (PAPER.md section 12).
+* :func:`synflow_scores` -- SynFlow (Tanaka et al. 2020), data-free, with
+  :func:`synflow_objective` (its ``R``) and the iterative :func:`synflow_prune`.
+
+Masks: :func:`prune` keeps the ``k = round(m (1 - sparsity))`` largest scores, over all scored
+entries (``scope="global"``) or per layer (``scope="layer"``); :func:`snip` is connection
+sensitivity followed by a global top-k. :func:`pruning_report` and :func:`format_pruning_report`
+show the per-layer result.
+
+Ranking rules shared by every mask (see :func:`prune`):
+
+* Ties: among equal scores the entry with the LOWER flat index is kept first. The flat index runs
+  over the concatenation, in this order, of layer 0 "W" (row-major / C order), layer 0 "b" (when
+  biases are ranked), layer 1 "W", ... (within one layer for ``scope="layer"``). This is what a
+  stable sort of ``-score`` gives (``np.argsort(-s, kind="stable")``), and PAPER.md's "lower
+  index first".
+* Entries that the network's current mask has pruned stay pruned: they rank below every kept
+  entry, whatever their score, so nothing is ever revived. ``k`` still counts over ALL entries
+  (pruned or not), so a net pruned to sparsity 0.5 and pruned again at 0.9 keeps
+  ``round(0.1 m)`` entries.
+
+Layer indices are code indices (``net.layers[i]``, 0-based); the paper numbers weight layers
+from 1. No function here changes the network it is given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from math import prod
+
+import numpy as np
+
+from ._checks import as_rng, check_array, check_choice, check_int
+from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
+from .losses import cross_entropy, get_loss, softmax
+from .network import Network
+
+__all__ = [
+    "LayerCollapseWarning",
+    "UNSUPERVISED_LOSSES",
+    "connection_sensitivity",
+    "unsupervised_targets",
+    "random_scores",
+    "magnitude_scores",
+    "synflow_scores",
+    "synflow_objective",
+    "synflow_prune",
+    "prune",
+    "snip",
+    "pruning_report",
+    "format_pruning_report",
+    "keep_count",
+]
+
+#: the unsupervised losses of PAPER.md section 9 (refnet's definitions)
+UNSUPERVISED_LOSSES = ("uniform", "pred_raw", "pred_softmax")
+
+#: layers whose SynFlow copy is the layer itself (linear, or piecewise linear like MaxPool2d)
+_PARAM_FREE = (AvgPool2d, MaxPool2d, GlobalAvgPool2d, Flatten)
+
+
+class LayerCollapseWarning(UserWarning):
+    """A mask prunes every weight of a layer, or leaves no path from the input to the output."""
+
+
+# -------------------------------------------------------------------------------------------
+# argument checks
+# -------------------------------------------------------------------------------------------
+
+
+def _check_net(net, name: str = "net") -> Network:
+    if not isinstance(net, Network):
+        raise TypeError(f"{name} must be a refnet Network, got {type(net).__name__}")
+    return net
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _resolve_density(sparsity, density) -> float:
+    """The kept fraction ``d``: ``1 - sparsity`` (sparsity in [0, 1)) or ``density`` in (0, 1]."""
+    if (sparsity is None) == (density is None):
+        raise ValueError(
+            "give exactly one of sparsity (fraction pruned, in [0, 1)) and density (fraction kept, "
+            f"in (0, 1]), got sparsity={sparsity!r} and density={density!r}"
+        )
+    name, value = ("sparsity", sparsity) if sparsity is not None else ("density", density)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if name == "sparsity":
+        if not (0.0 <= value < 1.0):  # also rejects NaN
+            raise ValueError(f"sparsity must be in [0, 1) (the fraction of entries pruned), got {value}")
+        return 1.0 - value
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"density must be in (0, 1] (the fraction of entries kept), got {value}")
+    return value
+
+
+def keep_count(m: int, sparsity=None, *, density=None) -> int:
+    """How many of ``m`` entries a mask keeps: ``k = round(m * d)`` with ``d = 1 - sparsity``
+    (or ``d = density``), evaluated in float64 and rounded by Python's ``round`` (halves to even).
+
+    Parameters
+    ----------
+    m : int
+        Number of scored entries (>= 0).
+    sparsity : float in [0, 1), optional
+    density : float in (0, 1], optional
+        Exactly one of ``sparsity`` and ``density``.
+    """
+    m = check_int(m, "m", min_value=0)
+    return int(round(m * _resolve_density(sparsity, density)))
+
+
+def _ranked_keys(net: Network, include_bias: bool) -> list[tuple]:
+    """Per layer, the keys that are scored/ranked: ("W",) or ("W", "b")."""
+    out = []
+    for p in net.params:
+        keys = [k for k in ("W", "b") if k in p and (k == "W" or include_bias)]
+        out.append(tuple(keys))
+    return out
+
+
+def _check_scores(net: Network, scores, keys: list[tuple]) -> list[dict]:
+    """Validated float64 copies of the ranked entries of ``scores``."""
+    if not isinstance(scores, (list, tuple)) or len(scores) != net.n_layers:
+        got = f"{len(scores)} entries" if isinstance(scores, (list, tuple)) else type(scores).__name__
+        raise ValueError(f"scores must be a list of {net.n_layers} dicts (one per layer, like net.params), got {got}")
+    shapes = net.param_shapes()
+    out = []
+    for i, (s, ks) in enumerate(zip(scores, keys)):
+        if s is None:
+            s = {}
+        if not isinstance(s, dict):
+            raise TypeError(f"scores[{i}] must be a dict, got {type(s).__name__}")
+        d = {}
+        for k in ks:
+            if k not in s:
+                hint = " (pass include_bias=False to rank weights only)" if k == "b" else ""
+                raise ValueError(f"scores[{i}] must have the key {k!r}, got keys {sorted(s)}{hint}")
+            a = check_array(s[k], f"scores[{i}][{k!r}]", shape=shapes[i][k], finite=False, allow_int=True)
+            a = a.astype(np.float64, copy=False)  # never written to
+            if np.isnan(a).any():
+                raise ValueError(f"scores[{i}][{k!r}] must not hold NaN, got {int(np.isnan(a).sum())} NaN entries")
+            d[k] = a
+        out.append(d)
+    return out
+
+
+def _loss_kind(loss):
+    """("unsupervised", name) or ("supervised", loss function)."""
+    if isinstance(loss, str):
+        key = loss.lower().replace("-", "_")
+        if key in UNSUPERVISED_LOSSES:
+            return "unsupervised", key
+        try:
+            return "supervised", get_loss(loss)
+        except ValueError:
+            raise ValueError(
+                f"loss must be one of ['cross_entropy', 'mse', 'uniform', 'pred_raw', 'pred_softmax'] "
+                f"or a callable (z, y) -> (loss, eps), got {loss!r}"
+            ) from None
+    if callable(loss):
+        return "supervised", loss
+    raise TypeError(f"loss must be a name or a callable (z, y) -> (loss, eps), got {type(loss).__name__}")
+
+
+# -------------------------------------------------------------------------------------------
+# connection sensitivity (SNIP) and the unsupervised losses
+# -------------------------------------------------------------------------------------------
+
+
+def _targets_from_output(z: np.ndarray, kind: str) -> np.ndarray:
+    B, C = z.shape
+    if kind == "uniform":
+        return np.full((B, C), 1.0 / C, dtype=z.dtype)
+    if kind == "pred_raw":
+        t = np.zeros((B, C), dtype=z.dtype)
+        t[np.arange(B), z.argmax(axis=1)] = 1.0  # first arg-max on ties
+        return t
+    return softmax(z)  # pred_softmax: a constant array, no gradient flows through it
+
+
+def unsupervised_targets(net, x, kind: str) -> np.ndarray:
+    r"""Targets ``t`` of the unsupervised losses of PAPER.md section 9 (refnet's definitions).
+
+    Each loss is the mean softmax cross-entropy against these targets,
+    ``L = -(1/B) sum_i sum_j t_ij log softmax(z_i)_j``, with ``z = net(x)`` and ``t`` held
+    constant (no gradient flows through ``t``):
+
+    ``"uniform"``       ``t_ij = 1/C``, so ``L = -(1/B) sum_i (1/C) sum_j log softmax(z_i)_j``
+                        (the public SPP code's uniform-label loss).
+    ``"pred_raw"``      ``t_i = onehot(argmax_j z_ij)`` (first arg-max on ties): the net's own
+                        initial prediction.
+    ``"pred_softmax"``  ``t_i = softmax(z_i)``: the net's own soft prediction. Note that
+                        ``dL/dz = softmax(z) - t = 0`` here, so this loss is stationary at the
+                        current weights and its gradients are zero up to rounding.
+
+    Parameters
+    ----------
+    net : Network
+        Output ``(B, C)`` logits.
+    x : ndarray, shape (B, *net.in_shape)
+    kind : {"uniform", "pred_raw", "pred_softmax"}
+
+    Returns
+    -------
+    ndarray, shape (B, C), the network's dtype
+    """
+    _check_net(net)
+    kind = check_choice(kind, "kind", UNSUPERVISED_LOSSES)
+    x = net.check_input(x, "x")
+    z = net.forward(x)
+    if z.ndim != 2:
+        raise ValueError(f"the network output must be (B, C) logits for a loss, got shape {z.shape}")
+    return _targets_from_output(z, kind)
+
+
+def connection_sensitivity(
+    net,
+    x,
+    y=None,
+    loss="cross_entropy",
+    *,
+    batch_size=None,
+    include_bias: bool = False,
+    normalize: bool = True,
+) -> list[dict]:
+    r"""SNIP's connection sensitivity ``|dL/dc|`` at ``c = 1`` (PAPER.md section 4).
+
+    .. math:: g_j = \frac{\partial L(c \odot w)}{\partial c_j}\Big|_{c = 1}
+                  = \frac{\partial L}{\partial w_j}\, w_j, \qquad
+              s_j = \frac{|g_j|}{\sum_k |g_k|}\ \ (\text{normalize=True}),
+
+    where the sum runs over every scored entry (all weights, plus all biases when
+    ``include_bias``). For a masked network the auxiliary ``c`` multiplies the effective weights,
+    ``g_j = (dL/dW_eff)_j (m_j w_j)``, so pruned entries score exactly 0. The gradient comes from
+    the network's hand-derived backward pass (``g_j = grad_j * w_j`` with the masked gradient).
+
+    Batches: with ``batch_size=None`` ``L`` is the mean loss over all of ``x`` (SNIP scores one
+    mini-batch). With ``batch_size=n`` the rows of ``x`` are cut into consecutive batches of ``n``
+    (the last may be smaller) and, as in the SPP code, the per-batch gradients of the per-batch
+    MEAN loss are SUMMED before the absolute value: ``s_j ∝ |sum_batches dL_batch/dc_j|``.
+
+    Parameters
+    ----------
+    net : Network
+        Must output ``(B, C)``.
+    x : ndarray, shape (B, *net.in_shape)
+    y : ndarray, shape (B,) int labels or (B, C) targets; ignored (may be None) for the
+        unsupervised losses.
+    loss : str or callable
+        "cross_entropy", "mse", a callable ``(z, y) -> (loss, eps)``, or an unsupervised loss
+        "uniform", "pred_raw", "pred_softmax" (targets from :func:`unsupervised_targets`, used
+        with the cross-entropy; for "pred_softmax" the gradient vanishes, see there; a
+        warning says so).
+    batch_size : int >= 1, optional
+    include_bias : bool
+        Also score the biases (the official SNIP code does; zero biases score exactly 0).
+    normalize : bool
+        Divide by the total ``sum_k |g_k|`` (when that is 0 every score is 0 and stays 0).
+
+    Returns
+    -------
+    list of dict
+        Per layer ``{"W": (shape of W)}`` (plus "b" when ``include_bias`` and the layer has one);
+        ``{}`` for parameter-free layers. float, the network's dtype, non-negative.
+    """
+    _check_net(net)
+    include_bias = _check_bool(include_bias, "include_bias")
+    normalize = _check_bool(normalize, "normalize")
+    kind, fn = _loss_kind(loss)
+    x = net.check_input(x, "x")
+    B = x.shape[0]
+    if B == 0:
+        raise ValueError(f"x must hold at least one example, got shape {x.shape}")
+    bs = B if batch_size is None else check_int(batch_size, "batch_size", min_value=1)
+    if kind == "supervised":
+        if y is None:
+            raise ValueError(f"y must be given for the supervised loss {loss!r} (y=None only for {list(UNSUPERVISED_LOSSES)})")
+        y = np.asarray(y)
+        if y.ndim == 0 or y.shape[0] != B:
+            raise ValueError(f"y must have one row per row of x ({B}), got shape {y.shape}")
+    elif fn == "pred_softmax":
+        warnings.warn(
+            "loss='pred_softmax': the cross-entropy against the network's own softmax held constant "
+            "has dL/dz = softmax(z) - t = 0 at the current weights, so every connection sensitivity "
+            "is zero up to rounding and the ranking is not informative",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    keys = _ranked_keys(net, include_bias)
+    acc = [{k: np.zeros_like(net.params[i][k]) for k in ks} for i, ks in enumerate(keys)]
+    for start in range(0, B, bs):
+        xb = x[start : start + bs]  # (b, *in_shape)
+        z, trace = net.forward(xb, return_trace=True)  # (b, C)
+        if z.ndim != 2:
+            raise ValueError(f"the network output must be (B, C) logits for a loss, got shape {z.shape}")
+        if kind == "unsupervised":
+            _, eps = cross_entropy(z, _targets_from_output(z, fn))  # (b, C)
+        else:
+            _, eps = fn(z, y[start : start + bs])
+        grads = net.backward(trace, eps)  # masked: m * dL/dW_eff
+        for i, ks in enumerate(keys):
+            for k in ks:
+                acc[i][k] += grads[i][k] * net.params[i][k]  # dL/dc = (m dL/dW_eff) * w
+    scores = [{k: np.abs(v) for k, v in d.items()} for d in acc]
+    if normalize:
+        total = sum(float(v.sum()) for d in scores for v in d.values())
+        if total > 0:
+            scores = [{k: v / total for k, v in d.items()} for d in scores]
+    return scores
+
+
+# -------------------------------------------------------------------------------------------
+# baselines
+# -------------------------------------------------------------------------------------------
+
+
+def random_scores(net, seed, *, include_bias: bool = False) -> list[dict]:
+    """Uniform random scores in [0, 1), reproducible from ``seed``.
+
+    Draws, layer by layer, one array for "W" and then one for "b" (when the layer has one) from
+    ``numpy.random.default_rng(seed)``, so the weight scores do not depend on ``include_bias``.
+
+    Parameters
+    ----------
+    net : Network
+    seed : int or numpy.random.Generator
+    include_bias : bool
+        Also return the bias scores.
+    """
+    _check_net(net)
+    include_bias = _check_bool(include_bias, "include_bias")
+    if seed is None:
+        raise TypeError("seed must be an int or a numpy.random.Generator (random scores must be reproducible), got None")
+    rng = as_rng(seed)
+    out = []
+    for p in net.params:
+        d = {}
+        for k in ("W", "b"):
+            if k in p:
+                s = rng.random(p[k].shape)
+                if k == "W" or include_bias:
+                    d[k] = s
+        out.append(d)
+    return out
+
+
+def magnitude_scores(net, *, include_bias: bool = False) -> list[dict]:
+    """Magnitude scores ``|m * w|`` of the effective weights (pruned entries score 0).
+
+    Parameters
+    ----------
+    net : Network
+    include_bias : bool
+        Also return ``|m_b * b|``.
+    """
+    _check_net(net)
+    include_bias = _check_bool(include_bias, "include_bias")
+    keys = _ranked_keys(net, include_bias)
+    return [{k: np.abs(net.params[i][k] * net.masks[i][k]) for k in ks} for i, ks in enumerate(keys)]
+
+
+# -------------------------------------------------------------------------------------------
+# SynFlow
+# -------------------------------------------------------------------------------------------
+
+
+def _synflow_layers(net: Network) -> list:
+    """The linear, bias-free copy of every layer (activations replaced by the identity)."""
+    out = []
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, Dense):
+            out.append(Dense(layer.n_in, layer.n_out, bias=False))
+        elif isinstance(layer, Conv2d):
+            out.append(
+                Conv2d(layer.c_in, layer.c_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                       padding_mode=layer.padding_mode, bias=False)
+            )
+        elif isinstance(layer, _PARAM_FREE):
+            out.append(layer)
+        else:
+            raise TypeError(f"synflow does not know layers[{i}] of type {type(layer).__name__}")
+    return out
+
+
+def _synflow_pass(net: Network):
+    r"""Rescaled SynFlow forward and backward.
+
+    Returns ``(scores', log_P, R')`` with ``R = exp(log_P) R'`` and ``scores = exp(log_P) scores'``.
+    The signal after every layer is divided by its maximum ``a_l`` (``x^l <- x^l / a_l``), which is
+    the same as using ``|W^l| / a_l``: ``R`` is multilinear in the layers, so ``R' = R / P`` with
+    ``P = prod_l a_l``, and each score ``dR/d|w| |w|`` is divided by the same ``P``.
+    """
+    layers = _synflow_layers(net)
+    absw = [{"W": np.abs(p["W"] * m["W"]).astype(np.float64)} if "W" in p else {} for p, m in zip(net.params, net.masks)]
+    x = np.ones((1, *net.in_shape), dtype=np.float64)  # x^0 = 1
+    caches, scales = [], []
+    for layer, p in zip(layers, absw):
+        y, cache = layer.forward(p, x, None)  # (1, *out_shape), non-negative
+        a = float(y.max()) if y.size else 0.0
+        if not a > 0.0:  # no signal reaches this layer: R = 0 and every score is 0
+            zeros = [{k: np.zeros_like(v) for k, v in p.items()} for p in absw]
+            return zeros, -np.inf, 0.0
+        x = y / a
+        caches.append(cache)
+        scales.append(a)
+    R_prime = float(x.sum())  # 1^T x^K
+    g = np.ones_like(x)  # dR'/dx^K
+    scores = [{} for _ in layers]
+    for i in range(len(layers) - 1, -1, -1):
+        g = g / scales[i]  # dR'/dy for y = a_i x^i
+        g_x, grads = layers[i].vjp(absw[i], caches[i], g, None, input_grad=i > 0)
+        if "W" in absw[i]:
+            scores[i] = {"W": grads["W"] * absw[i]["W"]}  # dR'/d|w| * |w|
+        g = g_x
+    return scores, float(np.sum(np.log(scales))), R_prime
+
+
+def _check_in_shape(net: Network, in_shape) -> None:
+    if in_shape is None:
+        return
+    shape = (int(in_shape),) if isinstance(in_shape, (int, np.integer)) else tuple(in_shape)
+    if shape != tuple(net.in_shape):
+        raise ValueError(f"in_shape must be None or the network's input shape {net.in_shape}, got {in_shape!r}")
+
+
+def synflow_objective(net, *, log: bool = False) -> float:
+    r"""SynFlow's objective ``R = 1^T (prod_l |W^l|) 1``, or ``log R`` when ``log=True``.
+
+    ``R`` is the sum of the outputs of the linearised copy of the network (every activation the
+    identity, biases zero, every weight its absolute effective value ``|m * W|``; pooling and
+    flatten layers unchanged, MaxPool2d routing through its arg-max on this positive signal) on
+    the all-ones input. It is computed with per-layer rescaling (see :func:`synflow_scores`), so
+    ``log R`` is finite for any depth; ``R`` itself may overflow to ``inf`` (``log=False``).
+    ``R = 0`` (``log R = -inf``) when no path connects input and output.
+    """
+    _check_net(net)
+    log = _check_bool(log, "log")
+    _, log_P, R_prime = _synflow_pass(net)
+    if R_prime == 0.0:
+        return -np.inf if log else 0.0
+    log_R = log_P + float(np.log(R_prime))
+    if log:
+        return log_R
+    with np.errstate(over="ignore"):
+        return float(np.exp(log_R))
+
+
+def synflow_scores(net, in_shape=None, *, normalize: bool = True) -> list[dict]:
+    r"""SynFlow scores (Tanaka et al. 2020), data-free, on the network's current masks.
+
+    .. math:: R = \mathbf 1^T \Big(\prod_{l} |W^l|\Big) \mathbf 1, \qquad
+              S_j = \Big|\frac{\partial R}{\partial w_j} w_j\Big|
+                  = \frac{\partial R}{\partial |w_j|} |w_j|,
+
+    evaluated on a linear, bias-free copy of the network with every weight replaced by its
+    absolute effective value ``|m * W|`` (activations -> identity, biases ignored, AvgPool and
+    flatten linear, MaxPool2d routed by its arg-max on the positive all-ones-input signal) and the
+    all-ones input ``x^0 = 1``. Pruned weights score 0.
+
+    Conservation (Tanaka et al., Theorem 1): for every affine layer ``sum_j S_j = R`` (Euler's
+    theorem: ``R`` is positively 1-homogeneous in each layer), so all layers have the same total.
+
+    Overflow: ``R`` grows like the product of the layer gains. The forward signal is divided by
+    its maximum ``a_l`` after every layer (equivalently ``|W^l| -> |W^l| / a_l``); ``R`` is
+    multilinear in the layers, so this divides every score by the same ``P = prod_l a_l`` and
+    leaves the global ranking (and the normalised scores) unchanged, for any depth.
+
+    Parameters
+    ----------
+    net : Network
+    in_shape : tuple, optional
+        Accepted for parity with the reference code; must be None or ``net.in_shape``.
+    normalize : bool
+        True: ``S_j / sum_k S_k`` (always finite). False: the true ``S_j``; raises
+        OverflowError when they do not fit in float64.
+
+    Returns
+    -------
+    list of dict
+        ``{"W": ...}`` per affine layer (float64), ``{}`` for the others.
+    """
+    _check_net(net)
+    _check_in_shape(net, in_shape)
+    normalize = _check_bool(normalize, "normalize")
+    scores, log_P, _ = _synflow_pass(net)
+    if normalize:
+        total = sum(float(d["W"].sum()) for d in scores if d)
+        return [{k: v / total for k, v in d.items()} if total > 0 else d for d in scores]
+    if not np.isfinite(log_P):
+        return scores  # R = 0: all zero
+    with np.errstate(over="ignore", under="ignore"):
+        factor = float(np.exp(log_P))
+        out = [{k: v * factor for k, v in d.items()} for d in scores]
+    for d, s in zip(out, scores):
+        for k in d:
+            if not np.isfinite(d[k]).all() or np.any((d[k] == 0) != (s[k] == 0)):
+                raise OverflowError(
+                    f"the unnormalised SynFlow scores do not fit in float64 (log R = {log_P:.1f} + "
+                    f"log of an O(1) factor); use normalize=True (same ranking)"
+                )
+    return out
+
+
+def synflow_prune(
+    net,
+    sparsity=None,
+    *,
+    density=None,
+    iterations: int = 100,
+    scope: str = "global",
+    warn: bool = True,
+) -> list[dict]:
+    r"""Iterative SynFlow pruning with the exponential schedule (Tanaka et al. 2020).
+
+    For ``k = 1..n`` (``n = iterations``): score the network with its current mask
+    (:func:`synflow_scores`), then prune to density ``d^(k/n)`` with :func:`prune`
+    (``d = 1 - sparsity``), pruned entries staying pruned. The last step keeps exactly
+    ``round(m d)`` weights. Biases are never pruned.
+
+    Parameters
+    ----------
+    net : Network
+    sparsity : float in [0, 1), optional
+    density : float in (0, 1], optional
+        Exactly one of the two.
+    iterations : int >= 1
+    scope : {"global", "layer"}
+    warn : bool
+        Warn (:class:`LayerCollapseWarning`) about the final mask.
+
+    Returns
+    -------
+    list of dict
+        Masks shaped like ``net.params``.
+    """
+    _check_net(net)
+    d = _resolve_density(sparsity, density)
+    n = check_int(iterations, "iterations", min_value=1)
+    scope = check_choice(scope, "scope", ("global", "layer"))
+    warn = _check_bool(warn, "warn")
+    cur = net
+    masks = None
+    for k in range(1, n + 1):
+        dk = d ** (k / n)
+        masks = prune(cur, synflow_scores(cur), density=dk, scope=scope, warn=False)
+        cur = net.with_masks(masks)
+    if warn:
+        _warn_collapse(net, masks, stacklevel=3)
+    return masks
+
+
+# -------------------------------------------------------------------------------------------
+# masks
+# -------------------------------------------------------------------------------------------
+
+
+def _top_k(s: np.ndarray, alive: np.ndarray, k: int) -> np.ndarray:
+    """Boolean keep-vector: the ``k`` largest ``s`` among ``alive`` entries, ties to the lower
+    index. Same result as ``alive_idx[np.argsort(-s[alive], kind="stable")[:k]]`` in O(m)."""
+    keep = np.zeros(s.shape, dtype=bool)
+    idx = np.flatnonzero(alive)
+    sa = s[idx]
+    k = min(k, sa.size)
+    if k <= 0:
+        return keep
+    if k == sa.size:
+        keep[idx] = True
+        return keep
+    t = np.partition(sa, sa.size - k)[sa.size - k]  # the k-th largest score
+    sel = sa > t
+    ties = np.flatnonzero(sa == t)[: k - int(sel.sum())]  # lowest indices first
+    sel[ties] = True
+    keep[idx[sel]] = True
+    return keep
+
+
+def _is_mlp(net: Network) -> bool:
+    return all(isinstance(layer, (Dense, Flatten)) for layer in net.layers)
+
+
+def _warn_collapse(net: Network, masks: list[dict], stacklevel: int = 2) -> None:
+    """LayerCollapseWarning for each layer whose weights are all pruned, and once when the
+    network is disconnected (MLPs: the 0/1 product of the weight masks from input to output is
+    all zero; other networks: some layer's weight mask is all zero)."""
+    collapsed = []
+    for i, m in enumerate(masks):
+        if "W" in m and not m["W"].any():
+            collapsed.append(i)
+            warnings.warn(
+                f"layer collapse: every weight of layers[{i}] ({type(net.layers[i]).__name__}, "
+                f"{m['W'].size} weights) is pruned",
+                LayerCollapseWarning,
+                stacklevel=stacklevel + 1,
+            )
+    if _is_mlp(net):
+        reach = np.ones(prod(net.in_shape), dtype=bool)  # inputs reached so far
+        for layer, m in zip(net.layers, masks):
+            if isinstance(layer, Dense):
+                reach = m["W"][:, reach].any(axis=1)  # units with a kept edge from a reached unit
+        disconnected = not reach.any()
+        why = "the product of the weight masks (0/1 connectivity) from input to output is all zero"
+    else:
+        disconnected = bool(collapsed)
+        why = f"the weights of layers {collapsed} are all pruned"
+    if disconnected:
+        warnings.warn(
+            f"the pruned network is disconnected: no path from the input to the output ({why})",
+            LayerCollapseWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def prune(
+    net,
+    scores,
+    sparsity=None,
+    *,
+    density=None,
+    scope: str = "global",
+    include_bias: bool = False,
+    warn: bool = True,
+) -> list[dict]:
+    r"""Masks keeping the ``k`` highest-scored entries: ``k = round(m (1 - sparsity))``.
+
+    ``m`` is the number of ranked entries: all weights ("W"), plus all biases when
+    ``include_bias``, over the whole network (``scope="global"``, PAPER.md section 4's global
+    top-k) or within each layer (``scope="layer"``, one ``k_l = round(m_l (1 - sparsity))`` per
+    layer). ``round`` is Python's (halves to even) on the float64 product (:func:`keep_count`).
+
+    Ties: among equal scores the entry with the LOWER flat index is kept first; the flat index
+    runs over layer 0 "W" (row-major), layer 0 "b" (if ranked), layer 1 "W", ... This is exactly
+    ``np.argsort(-s, kind="stable")[:k]``; it is computed in O(m) with a partition.
+
+    Already-pruned entries: every entry pruned by ``net.masks`` stays pruned (it ranks below all
+    kept entries whatever its score), but ``k`` counts over ALL ``m`` entries. If ``k`` exceeds the
+    number of entries still kept, all of them are kept (fewer than ``k``) and a UserWarning says so.
+    Biases that are not ranked keep their current mask.
+
+    Parameters
+    ----------
+    net : Network
+        Provides the shapes and the current masks; it is not changed.
+    scores : list of dict
+        One dict per layer with "W" (and "b" when ``include_bias``) shaped like the parameter;
+        real, ``+-inf`` allowed, NaN is a ValueError. Other keys are ignored.
+    sparsity : float in [0, 1), optional
+        Fraction pruned.
+    density : float in (0, 1], optional
+        Fraction kept. Give exactly one of ``sparsity`` and ``density``.
+    scope : {"global", "layer"}
+    include_bias : bool
+        Rank the biases with the weights (the official SNIP code does).
+    warn : bool
+        Emit :class:`LayerCollapseWarning` when a layer's weights are all pruned and when the
+        network is disconnected.
+
+    Returns
+    -------
+    list of dict
+        Boolean masks with the keys and shapes of ``net.params`` ("W" and "b"); new arrays.
+    """
+    _check_net(net)
+    d = _resolve_density(sparsity, density)
+    scope = check_choice(scope, "scope", ("global", "layer"))
+    include_bias = _check_bool(include_bias, "include_bias")
+    warn = _check_bool(warn, "warn")
+    keys = _ranked_keys(net, include_bias)
+    s = _check_scores(net, scores, keys)
+    masks = [{k: v.copy() for k, v in m.items()} for m in net.masks]
+    entries = [(i, k) for i, ks in enumerate(keys) for k in ks]
+    groups = [entries] if scope == "global" else [[e for e in entries if e[0] == i] for i in range(net.n_layers)]
+    for group in groups:
+        if not group:
+            continue
+        flat = np.concatenate([s[i][k].ravel() for i, k in group])  # concatenation order
+        alive = np.concatenate([net.masks[i][k].ravel() for i, k in group])
+        k_keep = int(round(flat.size * d))
+        keep = _top_k(flat, alive, k_keep)
+        n_alive = int(alive.sum())
+        if warn and n_alive < k_keep:
+            where = "the network" if scope == "global" else f"layers[{group[0][0]}]"
+            warnings.warn(
+                f"density {d:g} asks to keep {k_keep} of {flat.size} entries of {where}, but its "
+                f"current mask keeps only {n_alive}; pruned entries are never revived, so {n_alive} are kept",
+                UserWarning,
+                stacklevel=2,
+            )
+        start = 0
+        for i, k in group:
+            n = s[i][k].size
+            masks[i][k] = keep[start : start + n].reshape(s[i][k].shape)
+            start += n
+    if warn:
+        _warn_collapse(net, masks, stacklevel=2)
+    return masks
+
+
+def snip(
+    net,
+    x,
+    y=None,
+    sparsity=None,
+    *,
+    density=None,
+    loss="cross_entropy",
+    batch_size=None,
+    include_bias: bool = False,
+    scope: str = "global",
+    warn: bool = True,
+) -> list[dict]:
+    r"""SNIP: connection sensitivity, then keep the top ``k = round(m (1 - sparsity))``.
+
+    ``masks = prune(net, |dL/dc|, sparsity, scope=scope, include_bias=include_bias)`` with the
+    scores of :func:`connection_sensitivity` (see there for ``loss``, ``batch_size`` and
+    ``include_bias``). The ranking uses the unnormalised ``|g_j|``: dividing by the positive total
+    does not change the order (and can only merge near-equal floats into ties).
+
+    Returns
+    -------
+    list of dict
+        Boolean masks shaped like ``net.params``; apply with ``net.with_masks(masks)``.
+
+    Examples
+    --------
+    >>> masks = snip(net, X[:100], y[:100], sparsity=0.9)   # doctest: +SKIP
+    """
+    _check_net(net)
+    _resolve_density(sparsity, density)  # fail before the backward pass
+    check_choice(scope, "scope", ("global", "layer"))
+    _check_bool(warn, "warn")
+    scores = connection_sensitivity(net, x, y, loss, batch_size=batch_size, include_bias=include_bias, normalize=False)
+    return prune(net, scores, sparsity, density=density, scope=scope, include_bias=include_bias, warn=warn)
+
+
+# -------------------------------------------------------------------------------------------
+# reports
+# -------------------------------------------------------------------------------------------
+
+
+def _masks_and_types(net_or_masks):
+    if isinstance(net_or_masks, Network):
+        return net_or_masks.masks, [type(layer).__name__ for layer in net_or_masks.layers]
+    if not isinstance(net_or_masks, (list, tuple)):
+        raise TypeError(f"net_or_masks must be a Network or a list of mask dicts, got {type(net_or_masks).__name__}")
+    for i, m in enumerate(net_or_masks):
+        if m is None:
+            continue
+        if not isinstance(m, dict):
+            raise TypeError(f"net_or_masks[{i}] must be a dict of boolean masks, got {type(m).__name__}")
+        for k, v in m.items():
+            a = np.asarray(v)
+            if a.dtype != bool:
+                raise TypeError(f"net_or_masks[{i}][{k!r}] must be a boolean mask, got dtype {a.dtype}")
+    return [m or {} for m in net_or_masks], [None] * len(net_or_masks)
+
+
+def pruning_report(net_or_masks) -> list[dict]:
+    """Per-layer weight counts of a mask.
+
+    Parameters
+    ----------
+    net_or_masks : Network or list of dict
+        A network (its ``masks``) or masks as returned by :func:`prune`.
+
+    Returns
+    -------
+    list of dict
+        One row per layer with weights: ``{"layer": i (code index), "type": "Dense" / "Conv2d"
+        (None for bare masks), "kept": kept weights, "total": weights, "sparsity": 1 - kept/total}``.
+        Biases are not counted.
+    """
+    masks, types = _masks_and_types(net_or_masks)
+    rows = []
+    for i, (m, t) in enumerate(zip(masks, types)):
+        if "W" not in m:
+            continue
+        W = np.asarray(m["W"])
+        kept, total = int(W.sum()), int(W.size)
+        rows.append({"layer": i, "type": t, "kept": kept, "total": total, "sparsity": 1.0 - kept / total})
+    return rows
+
+
+def format_pruning_report(report) -> str:
+    """A text table of :func:`pruning_report` (given a report, a Network or masks), with a total
+    line."""
+    if isinstance(report, Network) or (
+        isinstance(report, (list, tuple)) and not all(isinstance(r, dict) and "kept" in r for r in report)
+    ):
+        report = pruning_report(report)
+    if not isinstance(report, (list, tuple)):
+        raise TypeError(f"report must be a pruning_report list, a Network or masks, got {type(report).__name__}")
+    lines = [f"{'layer':>5}  {'type':<8} {'kept':>9} {'total':>9} {'sparsity':>9}"]
+    kept = total = 0
+    for r in report:
+        try:
+            lines.append(
+                f"{r['layer']:>5}  {str(r['type'] or '-'):<8} {r['kept']:>9} {r['total']:>9} {r['sparsity']:>9.4f}"
+            )
+            kept += r["kept"]
+            total += r["total"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"report rows must be dicts from pruning_report, got {r!r}") from exc
+    sp = 1.0 - kept / total if total else 0.0
+    lines.append(f"{'all':>5}  {'':<8} {kept:>9} {total:>9} {sp:>9.4f}")
+    return "\n".join(lines)
