@@ -238,6 +238,29 @@ register(
 )
 
 
+def _add_reproduce(p: argparse.ArgumentParser) -> None:
+    from .reproduce import add_arguments
+
+    add_arguments(p)
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import run
+
+    return run(args)
+
+
+register(
+    "reproduce",
+    "reproduce the papers' tables and figures; writes a summary report",
+    _add_reproduce,
+    _run_reproduce,
+    description="Run the validation scripts (all by default), each writing results.json, report.md\n"
+    "and figures under OUT/<name>/ as it goes, and gather them in OUT/SUMMARY.md.\n"
+    "An interrupted run keeps what it finished; running it again resumes.",
+)
+
+
 # ============================================================================================
 # parser and entry point
 # ============================================================================================

@@ -1,0 +1,228 @@
+"""What every validation script shares: arguments, a resumable result store and the report.
+
+A script is a module of :mod:`refnet.validation` with ``main(argv=None) -> int``. It builds a
+:class:`Run` from :func:`parse_args`, computes its units of work through :meth:`Run.unit` (a unit
+already in ``results.json`` is not computed again, so an interrupted run resumes where it
+stopped), states each comparison with the paper through :meth:`Run.check`, saves figures with
+:meth:`Run.figure_path`, and ends with :meth:`Run.finish`, which writes ``results.json`` and
+``report.md`` with the table "paper | refnet | agreement criterion | holds?".
+
+Every file is written atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["Check", "Run", "parse_args", "atomic_write_text", "fmt", "load_data"]
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(obj):
+    """Convert NumPy scalars/arrays and non-finite floats for JSON (inf -> "inf")."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    return obj
+
+
+def fmt(value, spec: str = ".3g") -> str:
+    """Format a number (or a list of numbers) for a report table."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return " ".join(fmt(v, spec) for v in value)
+    v = float(value)
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return format(v, spec)
+
+
+@dataclass
+class Check:
+    """One row of the report: a published number (or claim) beside refnet's and the criterion."""
+
+    name: str
+    paper: str
+    refnet: str
+    criterion: str
+    holds: bool | None  # None: reported, not judged (e.g. a setting the paper did not publish)
+    note: str = ""
+
+
+def parse_args(name: str, description: str, argv=None, add_arguments: Callable | None = None) -> argparse.Namespace:
+    """The flags every script takes, plus the script's own (``add_arguments(parser)``)."""
+    ap = argparse.ArgumentParser(prog=f"refnet reproduce {name}", description=description)
+    ap.add_argument("--quick", action="store_true", help="a reduced run (minutes) that keeps the comparison meaningful")
+    ap.add_argument("--tiny", action="store_true", help="a smoke-test run (seconds); numbers are not meaningful")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    ap.add_argument("--engine", default=None, help="kernel engine: numpy, numba or cupy (default: automatic)")
+    ap.add_argument("--data", default="mnist5k", help="data set: mnist5k (default, embedded), mnist, fashion-mnist, digits")
+    ap.add_argument("--data-dir", default=None, help="folder with the MNIST / Fashion-MNIST IDX files (for --data mnist)")
+    ap.add_argument("--out", default="runs/reproduce", help="output folder; the script writes OUT/<name>/ (default runs/reproduce)")
+    ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier run instead of resuming")
+    ap.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress (default: when stderr is a terminal)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    if add_arguments is not None:
+        add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.seed < 0:
+        ap.error(f"--seed must be >= 0, got {args.seed}")
+    if args.engine is not None:
+        os.environ["REFNET_ENGINE"] = args.engine
+    args.mode = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    return args
+
+
+def load_data(args, split: str, flatten: bool = True):
+    """``refnet.data.load`` with the script's --data and --data-dir."""
+    from refnet import data
+
+    return data.load(args.data, split=split, data_dir=args.data_dir, flatten=flatten)
+
+
+class Run:
+    """Results, checks and files of one script run, resumable.
+
+    Parameters
+    ----------
+    name : str
+        The script's name (its folder under ``--out``).
+    args : argparse.Namespace
+        From :func:`parse_args`. A previous ``results.json`` with the same mode, seed and data
+        is resumed unless ``--fresh``.
+    title : str
+        The report's heading.
+    """
+
+    def __init__(self, name: str, args: argparse.Namespace, title: str):
+        self.name, self.args, self.title = name, args, title
+        self.dir = Path(args.out) / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.dir / "results.json"
+        self.checks: list[Check] = []
+        self.sections: list[str] = []
+        self.figures: list[tuple[str, str]] = []
+        self.t0 = time.perf_counter()
+        self.settings = {"mode": args.mode, "seed": args.seed, "data": args.data, "engine": args.engine}
+        self.units: dict[str, Any] = {}
+        if not args.fresh and self.results_path.exists():
+            try:
+                old = json.loads(self.results_path.read_text())
+                if old.get("settings") == self.settings:
+                    self.units = old.get("units", {})
+            except (json.JSONDecodeError, OSError):
+                self.units = {}
+        self.resumed = len(self.units)
+        self._progress = args.progress if args.progress is not None else sys.stderr.isatty()
+
+    # --- units of work -------------------------------------------------------------------------
+    def unit(self, key: str, compute: Callable[[], Any]):
+        """The result of ``compute()``, computed once: stored in results.json right away, so a
+        rerun after an interruption takes it from there."""
+        if key in self.units:
+            return self.units[key]
+        self.log(f"{self.name}: {key} ...")
+        t = time.perf_counter()
+        value = _jsonable(compute())
+        self.units[key] = value
+        self._save(status="running")
+        self.log(f"{self.name}: {key} done in {time.perf_counter() - t:.1f}s")
+        return value
+
+    def log(self, message: str) -> None:
+        if self._progress:
+            print(message, file=sys.stderr, flush=True)
+
+    # --- report --------------------------------------------------------------------------------
+    def check(self, name: str, paper, refnet, criterion: str, holds: bool | None, note: str = "") -> Check:
+        c = Check(name, fmt(paper), fmt(refnet), criterion, None if holds is None else bool(holds), note)
+        self.checks.append(c)
+        return c
+
+    def section(self, markdown: str) -> None:
+        """Free text (a table, an explanation) added to the report after the checks."""
+        self.sections.append(markdown)
+
+    def figure_path(self, filename: str, caption: str) -> Path:
+        """Where to write a PNG; it is listed in the report with ``caption``."""
+        self.figures.append((filename, caption))
+        return self.dir / filename
+
+    def _save(self, status: str) -> None:
+        payload = {
+            "name": self.name,
+            "title": self.title,
+            "status": status,
+            "settings": self.settings,
+            "seconds": round(time.perf_counter() - self.t0, 3),
+            "units": self.units,
+            "checks": [asdict(c) for c in self.checks],
+            "figures": [{"file": f, "caption": c} for f, c in self.figures],
+        }
+        atomic_write_text(self.results_path, json.dumps(_jsonable(payload), indent=2))
+
+    def report_markdown(self) -> str:
+        lines = [f"# {self.title}", "", f"Settings: mode `{self.args.mode}`, seed {self.args.seed}, data `{self.args.data}`."]
+        if self.resumed:
+            lines.append(f"Resumed: {self.resumed} unit(s) taken from an earlier run with the same settings.")
+        lines += ["", "| check | paper | refnet | agreement criterion | holds? |", "|---|---|---|---|---|"]
+        for c in self.checks:
+            mark = {True: "yes", False: "**no**", None: "n/a"}[c.holds]
+            note = f" ({c.note})" if c.note else ""
+            lines.append(f"| {c.name} | {c.paper} | {c.refnet} | {c.criterion}{note} | {mark} |")
+        for s in self.sections:
+            lines += ["", s]
+        for f, cap in self.figures:
+            lines += ["", f"![{cap}]({f})", f"*{cap}*"]
+        return "\n".join(lines) + "\n"
+
+    def finish(self) -> int:
+        """Write results.json and report.md; return 0 (a failed check is a finding, not an error)."""
+        self._save(status="done")
+        atomic_write_text(self.dir / "report.md", self.report_markdown())
+        n_yes = sum(c.holds is True for c in self.checks)
+        n_no = sum(c.holds is False for c in self.checks)
+        print(f"{self.name}: {n_yes} checks hold, {n_no} do not; report: {self.dir / 'report.md'}")
+        return 0
