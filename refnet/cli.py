@@ -238,6 +238,29 @@ register(
 )
 
 
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    from .prune_cmd import add_arguments
+
+    add_arguments(p)
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from .prune_cmd import run
+
+    return run(args)
+
+
+register(
+    "prune",
+    "prune at initialization, optionally repair by approximate isometry, train and report JSV",
+    _add_prune,
+    _run_prune,
+    description="Build a network, measure its Jacobian singular values, prune it (connection\n"
+    "sensitivity or a baseline), optionally repair it (--repair ai), measure again, train and\n"
+    "report the test error. Writes OUT/masks.npz, net.npz, history.json, summary.json, curves.png.",
+)
+
+
 def _add_reproduce(p: argparse.ArgumentParser) -> None:
     from .reproduce import add_arguments
 
@@ -258,6 +281,30 @@ register(
     description="Run the validation scripts (all by default), each writing results.json, report.md\n"
     "and figures under OUT/<name>/ as it goes, and gather them in OUT/SUMMARY.md.\n"
     "An interrupted run keeps what it finished; running it again resumes.",
+)
+
+
+def _add_audit(p: argparse.ArgumentParser) -> None:
+    from .audit import add_audit_arguments
+
+    add_audit_arguments(p)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit
+
+    return run_audit(args)
+
+
+register(
+    "audit",
+    "compare a PyTorch model (or another framework's .npz) with refnet's float64 reference",
+    _add_audit,
+    _run_audit,
+    description="Audit what another framework computes: logits, loss, gradients, Jacobians, SNIP\n"
+    "scores and masks, Jacobian singular values, in float64 and as the model runs (its own\n"
+    "dtype), against refnet's float64 reference. Writes OUT/report.md and OUT/report.json;\n"
+    "exit status 1 when a comparison fails (docs/audit.md).",
 )
 
 

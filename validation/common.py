@@ -122,6 +122,21 @@ def load_data(args, split: str, flatten: bool = True):
     return data.load(args.data, split=split, data_dir=args.data_dir, flatten=flatten)
 
 
+def _code_fingerprint(name: str) -> str:
+    """SHA-1 of the script's source and refnet's version: results of other code are not resumed."""
+    import hashlib
+    import importlib
+
+    import refnet
+
+    h = hashlib.sha1(refnet.__version__.encode())
+    try:
+        h.update(Path(importlib.import_module(f"refnet.validation.{name}").__file__).read_bytes())
+    except (ImportError, OSError, TypeError):
+        h.update(name.encode())
+    return h.hexdigest()[:12]
+
+
 class Run:
     """Results, checks and files of one script run, resumable.
 
@@ -130,8 +145,8 @@ class Run:
     name : str
         The script's name (its folder under ``--out``).
     args : argparse.Namespace
-        From :func:`parse_args`. A previous ``results.json`` with the same mode, seed and data
-        is resumed unless ``--fresh``.
+        From :func:`parse_args`. A previous ``results.json`` with the same mode, seed, data,
+        engine and code (the script's source hash) is resumed unless ``--fresh``.
     title : str
         The report's heading.
     """
@@ -145,7 +160,8 @@ class Run:
         self.sections: list[str] = []
         self.figures: list[tuple[str, str]] = []
         self.t0 = time.perf_counter()
-        self.settings = {"mode": args.mode, "seed": args.seed, "data": args.data, "engine": args.engine}
+        self.settings = {"mode": args.mode, "seed": args.seed, "data": args.data, "engine": args.engine,
+                         "code": _code_fingerprint(name)}
         self.units: dict[str, Any] = {}
         if not args.fresh and self.results_path.exists():
             try:

@@ -1,0 +1,630 @@
+r"""Jacobian singular values (JSV) and layerwise dynamical isometry (PAPER.md sections 3 and 6).
+
+For every example the exact Jacobian ``J^{start,end} = dx^end/dx^start`` (by default the
+input-output Jacobian ``J^{0,K} = prod_l D^l W^l``, ``10 x 784`` for an MNIST classifier) is
+formed by :func:`refnet.jacobian.jacobian` and its singular values are taken with
+``np.linalg.svd(compute_uv=False)`` (descending). The SPP code pools the singular values of all
+examples and reports their mean, std, max and min; the SPP tables add the condition number
+
+.. math:: \mathrm{CN} = \frac{\max_{n,j} \sigma_j(J_n)}{\min_{n,j} \sigma_j(J_n)}
+
+over the pooled values, while [DI] reports the mean over examples of
+``sigma_max(J_n) / sigma_min(J_n)``. :func:`jsv_stats` gives both (``cn`` and ``cn_mean``) and
+the per-example median (``cn_median``).
+
+Layerwise dynamical isometry (SPP, Definition 1): every singular value of every layer Jacobian
+``J^{l-1,l} = D^l W^l`` satisfies ``|1 - sigma| <= epsilon``. :func:`jsv_stats` reports, per
+layer, the fraction of singular values (over all examples) that do.
+
+Numerically zero singular values. A rank-deficient Jacobian (a pruned-away row, a saturated
+unit with ``D = 0``) does not give exact zeros from LAPACK: they come out as ``~1e-16 sigma_max``.
+As in ``np.linalg.matrix_rank``, a singular value ``sigma <= zero_rtol * sigma_max`` of its own
+matrix, with ``zero_rtol = max(N_end, N_start) * eps(dtype)`` by default, is taken to be zero and
+reported as exactly ``0.0``, so a rank-deficient Jacobian has CN ``inf`` rather than ``~1e17``.
+Pass ``zero_rtol=0`` to get LAPACK's raw values.
+
+Memory: ``x`` is processed ``batch_size`` examples at a time; only one batch of Jacobians exists at
+any moment. The singular values themselves are kept (``n_examples * min(N_end, N_start)`` floats,
+plus the same per layer when ``layerwise``), so every statistic is computed once at the end from
+the full set and does not depend on ``batch_size``.
+
+The ``refnet spectrum`` command (:func:`add_spectrum_parser`, :func:`run_spectrum`) prints these
+statistics for one or more initialisations and writes ``stats.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from math import prod
+
+import numpy as np
+
+from ._checks import as_rng, check_float, check_int
+from .jacobian import _check_net, _check_range, jacobian
+from .network import Network
+
+__all__ = [
+    "singular_values",
+    "layer_singular_values",
+    "collect_singular_values",
+    "summarize",
+    "jsv_stats",
+    "format_stats",
+    "random_masks",
+    "add_spectrum_parser",
+    "add_spectrum_arguments",
+    "run_spectrum",
+]
+
+
+# ============================================================================================
+# singular values, streamed over batches
+# ============================================================================================
+
+
+def _check_x(net: Network, x) -> np.ndarray:
+    x = net.check_input(x, "x")
+    if x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one example of shape {net.in_shape}, got shape {x.shape}")
+    return x
+
+
+def _zero_rtol(zero_rtol, shape, dtype) -> float:
+    if zero_rtol is None:
+        return max(shape) * float(np.finfo(dtype).eps)
+    return check_float(zero_rtol, "zero_rtol", min_value=0.0)
+
+
+def _svdvals(J: np.ndarray, zero_rtol, what: str) -> np.ndarray:
+    """Singular values (descending) of a stack ``J`` (B, m, n): (B, min(m, n)) in float64.
+
+    Values ``<= rtol * sigma_max`` of their own matrix are set to exactly 0 (see module doc).
+    """
+    if not np.isfinite(J).all():
+        bad = int(J.size - np.count_nonzero(np.isfinite(J)))
+        raise FloatingPointError(
+            f"{what} has {bad} non-finite entries (the forward pass overflowed); its singular values are undefined"
+        )
+    rtol = _zero_rtol(zero_rtol, J.shape[1:], J.dtype)
+    if 0 in J.shape:
+        return np.zeros((J.shape[0], min(J.shape[1:])), dtype=np.float64)
+    s = np.linalg.svd(J, compute_uv=False).astype(np.float64, copy=False)  # (B, r), descending
+    s[s <= rtol * s[:, :1]] = 0.0  # numerically zero (also: the whole row when sigma_max == 0)
+    return s
+
+
+def _batch_starts(n: int, batch_size) -> tuple[range, int]:
+    batch_size = check_int(batch_size, "batch_size", min_value=1)
+    return range(0, n, batch_size), batch_size
+
+
+def collect_singular_values(net, x, start: int = 0, end: int | None = None, batch_size: int = 100, *,
+                            layerwise: bool = True, zero_rtol=None, max_elements=None):
+    """Singular values of ``J^{start,end}`` and (optionally) of every layer Jacobian, in one pass.
+
+    One forward pass per batch serves both: its trace is reused by :func:`refnet.jacobian.jacobian`
+    and :func:`refnet.jacobian.layer_jacobians`.
+
+    Parameters
+    ----------
+    net : Network
+    x : ndarray, shape (n_examples, *net.in_shape), n_examples >= 1
+    start, end : int
+        ``0 <= start < end <= K`` (default end = K: the input-output Jacobian).
+    batch_size : int >= 1
+        Examples per batch; only one batch of Jacobians is held in memory.
+    layerwise : bool
+        Also return the singular values of ``J^{l-1,l}`` for the layers ``l = start+1 .. end``.
+    zero_rtol : float >= 0, optional
+        Relative threshold below which a singular value is reported as 0 (module doc).
+    max_elements : int, optional
+        Budget per Jacobian array, as in :func:`refnet.jacobian.jacobian`.
+
+    Returns
+    -------
+    sv : ndarray, shape (n_examples, min(N_end, N_start)), float64, each row descending
+    layer_sv : list of ndarray or None
+        Entry ``i`` holds the singular values of layer ``l = start + i + 1``,
+        shape (n_examples, min(N_l, N_{l-1})).
+    """
+    from .jacobian import layer_jacobians
+
+    _check_net(net)
+    start, end = _check_range(net, start, end)
+    x = _check_x(net, x)
+    starts, bs = _batch_starts(x.shape[0], batch_size)
+    sv, layer_sv = [], [[] for _ in range(start, end)] if layerwise else None
+    for i in starts:
+        xb = x[i : i + bs]  # (b, *in_shape)
+        _, trace = net.forward(xb, return_trace=True)
+        J = jacobian(net, xb, start, end, trace=trace, max_elements=max_elements)  # (b, N_end, N_start)
+        sv.append(_svdvals(J, zero_rtol, f"J^({start},{end})"))
+        del J
+        if layerwise:
+            # layer_jacobians forms every layer; only start..end-1 are used
+            Js = layer_jacobians(net, xb, trace=trace, max_elements=max_elements)  # [(b, N_l, N_{l-1})]
+            for k, l in enumerate(range(start, end)):
+                layer_sv[k].append(_svdvals(Js[l], zero_rtol, f"J^({l},{l + 1})"))
+            del Js
+    sv = np.concatenate(sv, axis=0)
+    if layerwise:
+        layer_sv = [np.concatenate(v, axis=0) for v in layer_sv]
+    return sv, layer_sv
+
+
+def singular_values(net, x, start: int = 0, end: int | None = None, batch_size: int = 100, *,
+                    zero_rtol=None, max_elements=None) -> np.ndarray:
+    """Singular values of ``J^{start,end}`` of every example, streamed over ``x`` in batches.
+
+    Parameters
+    ----------
+    net : Network
+    x : ndarray, shape (n_examples, *net.in_shape), n_examples >= 1
+    start, end : int
+        ``0 <= start < end <= K`` (default: the input-output Jacobian ``J^{0,K}``).
+    batch_size : int >= 1
+        Memory is bounded by one batch of Jacobians, ``batch_size * N_end * N_start`` floats.
+    zero_rtol : float >= 0, optional
+        Values ``<= zero_rtol * sigma_max`` of their example are reported as 0; default
+        ``max(N_end, N_start) * eps`` (NumPy's rank tolerance); 0 keeps LAPACK's raw values.
+
+    Returns
+    -------
+    ndarray, shape (n_examples, min(N_end, N_start)), float64, each row descending.
+    """
+    sv, _ = collect_singular_values(net, x, start, end, batch_size, layerwise=False,
+                                    zero_rtol=zero_rtol, max_elements=max_elements)
+    return sv
+
+
+def layer_singular_values(net, x, batch_size: int = 100, *, zero_rtol=None, max_elements=None) -> list:
+    """Singular values of every layer Jacobian ``J^{l-1,l}`` (``= D^l W^l``), per example.
+
+    Streamed over ``x`` in batches like :func:`singular_values` (layer Jacobians from
+    :func:`refnet.jacobian.layer_jacobians`, one batch at a time).
+
+    Returns
+    -------
+    list of ndarray
+        Entry ``l-1`` has shape ``(n_examples, min(N_l, N_{l-1}))``, rows descending. Parameter-free
+        layers are included (Flatten gives all ones).
+    """
+    from .jacobian import layer_jacobians
+
+    _check_net(net)
+    x = _check_x(net, x)
+    starts, bs = _batch_starts(x.shape[0], batch_size)
+    out = [[] for _ in net.layers]
+    for i in starts:
+        Js = layer_jacobians(net, x[i : i + bs], max_elements=max_elements)  # [(b, N_l, N_{l-1})]
+        for l, J in enumerate(Js):
+            out[l].append(_svdvals(J, zero_rtol, f"J^({l},{l + 1})"))
+        del Js
+    return [np.concatenate(v, axis=0) for v in out]
+
+
+# ============================================================================================
+# statistics
+# ============================================================================================
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` with ``x / 0 = inf`` for every x >= 0 (no RuntimeWarning)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.inf)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _layer_label(net, l: int) -> str:
+    layer = net.layers[l]
+    act = getattr(layer, "activation", None)
+    return type(layer).__name__ + (f"[{act.name}]" if act is not None and hasattr(act, "name") else "")
+
+
+def summarize(sv, layer_sv=None, *, epsilon: float = 0.1, layers=None, layer_names=None) -> dict:
+    """Statistics of singular values already computed (see :func:`jsv_stats` for the keys).
+
+    Parameters
+    ----------
+    sv : ndarray, shape (n_examples, r)
+        Singular values of ``J^{start,end}``, one row per example.
+    layer_sv : list of ndarray (n_examples, r_l), optional
+        Singular values of the layer Jacobians (adds the layerwise keys).
+    epsilon : float > 0
+        Tolerance of layerwise dynamical isometry, ``|1 - sigma| <= epsilon``.
+    layers, layer_names : list, optional
+        Paper layer numbers ``l`` and names of the entries of ``layer_sv`` (default 1, 2, ...).
+    """
+    epsilon = check_float(epsilon, "epsilon", min_value=0.0)
+    sv = np.asarray(sv, dtype=np.float64)
+    if sv.ndim != 2 or sv.shape[0] == 0 or sv.shape[1] == 0:
+        raise ValueError(f"sv must be a non-empty (n_examples, r) array, got shape {sv.shape}")
+    smax = sv.max(axis=1)  # (n,)
+    smin = sv.min(axis=1)  # (n,)
+    cn_ex = _ratio(smax, smin)  # (n,) per-example sigma_max / sigma_min
+    vmin, vmax = float(smin.min()), float(smax.max())
+    out = {
+        "mean": float(sv.mean()),
+        "std": float(sv.std()),
+        "min": vmin,
+        "max": vmax,
+        "cn": float(_ratio(vmax, vmin)),
+        "cn_mean": float(cn_ex.mean()) if np.isfinite(cn_ex).all() else float("inf"),
+        "cn_median": float(np.median(cn_ex)),
+        "n_examples": int(sv.shape[0]),
+        "n_values": int(sv.size),
+    }
+    if layer_sv is not None:
+        layer_sv = [np.asarray(v, dtype=np.float64) for v in layer_sv]
+        layers = list(range(1, len(layer_sv) + 1)) if layers is None else [int(l) for l in layers]
+        out["layers"] = layers
+        if layer_names is not None:
+            out["layer_names"] = [str(s) for s in layer_names]
+        out["ldi_epsilon"] = epsilon
+        out["ldi"] = [float(np.count_nonzero(np.abs(1.0 - v) <= epsilon) / v.size) if v.size else 1.0 for v in layer_sv]
+        out["layer_mean"] = [float(v.mean()) if v.size else float("nan") for v in layer_sv]
+        out["layer_min"] = [float(v.min()) if v.size else float("nan") for v in layer_sv]
+        out["layer_max"] = [float(v.max()) if v.size else float("nan") for v in layer_sv]
+    return out
+
+
+def jsv_stats(net, x, *, start: int = 0, end: int | None = None, batch_size: int = 100, epsilon: float = 0.1,
+              layerwise: bool = True, zero_rtol=None, max_elements=None) -> dict:
+    """Jacobian singular value statistics of ``J^{start,end}`` over the examples ``x``.
+
+    Parameters
+    ----------
+    net : Network
+    x : ndarray, shape (n_examples, *net.in_shape), n_examples >= 1
+    start, end : int
+        ``0 <= start < end <= K``; default the input-output Jacobian ``J^{0,K}`` (PAPER.md section 6).
+    batch_size : int >= 1
+        Examples per batch (memory: one batch of Jacobians). The result does not depend on it.
+    epsilon : float >= 0
+        Layerwise dynamical isometry tolerance ``|1 - sigma| <= epsilon`` (PAPER.md section 3).
+    layerwise : bool
+        Add the layerwise keys for the layers ``l = start+1 .. end``.
+    zero_rtol : float >= 0, optional
+        See :func:`singular_values`.
+
+    Returns
+    -------
+    dict of plain Python numbers and lists:
+        ``mean``, ``std`` (population, ddof 0), ``min``, ``max`` over ALL singular values of all
+        examples pooled; ``cn = max / min`` of the pooled values (the SPP tables); ``cn_mean``,
+        the mean over examples of ``sigma_max / sigma_min`` ([DI]); ``cn_median``, its median;
+        ``n_examples``; ``n_values``. A zero singular value gives ``inf`` for the CNs it enters.
+        With ``layerwise``: ``layers`` (paper numbers ``l``), ``layer_names``, ``ldi`` (per layer
+        the fraction of singular values of ``J^{l-1,l}`` with ``|1 - sigma| <= epsilon``),
+        ``ldi_epsilon``, ``layer_mean``, ``layer_min``, ``layer_max``.
+    """
+    _check_net(net)
+    start, end = _check_range(net, start, end)
+    epsilon = check_float(epsilon, "epsilon", min_value=0.0)
+    sv, layer_sv = collect_singular_values(net, x, start, end, batch_size, layerwise=layerwise,
+                                           zero_rtol=zero_rtol, max_elements=max_elements)
+    layers = list(range(start + 1, end + 1))
+    names = [_layer_label(net, l - 1) for l in layers]
+    out = summarize(sv, layer_sv, epsilon=epsilon, layers=layers, layer_names=names)
+    out["start"], out["end"] = start, end
+    return out
+
+
+def format_stats(stats: dict, title: str | None = None) -> str:
+    """An aligned text table of :func:`jsv_stats` output (numbers in ``%.3e`` as the SPP tables)."""
+    if not isinstance(stats, dict) or "mean" not in stats:
+        raise TypeError(f"stats must be a dict from jsv_stats, got {type(stats).__name__}")
+
+    def e(v) -> str:
+        return f"{v:.3e}" if np.isfinite(v) else str(v)
+
+    lines = []
+    head = title or ""
+    where = f"J^({stats['start']},{stats['end']})" if "start" in stats else "J"
+    lines.append(
+        (head + ": " if head else "")
+        + f"singular values of {where}, {stats['n_examples']} examples, {stats['n_values']} values pooled"
+    )
+    cols = ["mean", "std", "min", "max", "CN", "CN mean", "CN median"]
+    vals = [stats["mean"], stats["std"], stats["min"], stats["max"], stats["cn"], stats["cn_mean"], stats["cn_median"]]
+    lines.append("  " + " ".join(f"{c:>10}" for c in cols))
+    lines.append("  " + " ".join(f"{e(v):>10}" for v in vals))
+    if "ldi" in stats:
+        lines.append(f"  layer Jacobians J^(l-1,l); LDI = fraction with |1 - sigma| <= {stats['ldi_epsilon']:g}")
+        names = stats.get("layer_names") or [""] * len(stats["ldi"])
+        w = max([5] + [len(n) for n in names])
+        lines.append(f"  {'l':>3}  {'layer':<{w}} {'mean':>10} {'min':>10} {'max':>10} {'LDI':>7}")
+        for l, n, m, lo, hi, f in zip(stats["layers"], names, stats["layer_mean"], stats["layer_min"],
+                                       stats["layer_max"], stats["ldi"]):
+            lines.append(f"  {l:>3}  {n:<{w}} {e(m):>10} {e(lo):>10} {e(hi):>10} {f:>7.3f}")
+    return "\n".join(lines)
+
+
+# ============================================================================================
+# random pruning (a connection-sensitivity method will come with its own module)
+# ============================================================================================
+
+
+def random_masks(net, sparsity: float, seed=None) -> list[dict]:
+    """Random global pruning: keep exactly ``round(m * (1 - sparsity))`` of the ``m`` weights.
+
+    The kept weights are a uniformly random subset of all weight entries of all layers together
+    (global, not per layer). Biases are kept. Returns masks for :meth:`Network.with_masks`: one
+    dict per layer with a boolean array per parameter (``{}`` for parameter-free layers).
+    """
+    _check_net(net)
+    sparsity = check_float(sparsity, "sparsity", min_value=0.0, max_value=1.0)
+    rng = as_rng(seed)
+    shapes = net.param_shapes()
+    m = sum(prod(s["W"]) for s in shapes if "W" in s)
+    k = int(round(m * (1.0 - sparsity)))
+    keep = np.zeros(m, dtype=bool)
+    keep[rng.permutation(m)[:k]] = True
+    masks, at = [], 0
+    for s in shapes:
+        d = {key: np.ones(shape, dtype=bool) for key, shape in s.items()}
+        if "W" in s:
+            n = prod(s["W"])
+            d["W"] = keep[at : at + n].reshape(s["W"])
+            at += n
+        masks.append(d)
+    return masks
+
+
+# ============================================================================================
+# the `refnet spectrum` command
+# ============================================================================================
+
+_HELP = "Jacobian singular values and layerwise dynamical isometry of one or more initialisations"
+_DESCRIPTION = (
+    "For each initialisation, build the network, optionally prune it, and compute the singular values "
+    "of the input-output Jacobian dx^K/dx^0 of every example (pooled: mean, std, min, max, CN = max/min "
+    "as in the SPP tables; CN mean over examples as in [DI]) and of every layer Jacobian J^(l-1,l) "
+    "(fraction within epsilon of 1: layerwise dynamical isometry). Writes OUT/stats.json and PNG plots "
+    "(histograms, empirical CDFs, per-layer bands)."
+)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (np.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (np.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def _sparsity(text: str) -> float:
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return v
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"int>={lo}"
+    return parse
+
+
+def _gammas(text: str) -> list:
+    return [_positive_float(t) for t in text.split(",") if t.strip()]
+
+
+def add_spectrum_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``refnet spectrum`` to a parser (for :func:`refnet.cli.register`)."""
+    from .arch import ARCH_HELP
+
+    p.epilog = ARCH_HELP
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default="mnist5k", help="dataset: mnist5k (default), digits, mnist, fashion-mnist, synthetic")
+    g.add_argument("--data-dir", default=None, help="folder of the IDX files (mnist, fashion-mnist)")
+    g.add_argument("--split", default="test", choices=["train", "test", "all"],
+                   help="split the examples are taken from (default test)")
+    g.add_argument("--n-examples", type=_int_at_least(1), default=1000,
+                   help="number of examples (the first ones of the split; default 1000, capped at the split size)")
+    g.add_argument("--arch", default="mlp-7-tanh", help="architecture spec (default mlp-7-tanh; see below)")
+    g.add_argument("--init", action="append", default=None, metavar="NAME[,NAME...]",
+                   help="initialisation(s) to compare: lecun|glorot|he|sg|orthogonal|delta_orthogonal or "
+                        "vs-l|vs-g|vs-h|ldi; repeat the option or separate by commas (default orthogonal)")
+    g.add_argument("--gamma", action="append", type=_gammas, default=None, metavar="G[,G...]",
+                   help="weight variance of --init sg; several values (repeated or comma-separated) give one "
+                        "sg run each")
+    g.add_argument("--gain", type=_positive_float, default=None, help="gain of the orthogonal inits (default 1)")
+    g.add_argument("--sigma-b", type=_nonneg_float, default=None, help="bias std of every init (default 0)")
+    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the init and of the pruning mask (default 0)")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--sparsity", type=_sparsity, default=None,
+                   help="prune this fraction of all weights (global) before measuring; default: no pruning")
+    g.add_argument("--prune", default="random", choices=["random"],
+                   help="pruning method for --sparsity: only 'random' for now (a uniformly random global set "
+                        "of exactly round(m*(1-sparsity)) of the m weights is kept, biases kept); connection "
+                        "sensitivity (SNIP) will be added")
+    g = p.add_argument_group("measurement and output")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=100, help="examples per Jacobian batch (default 100)")
+    g.add_argument("--epsilon", type=_nonneg_float, default=0.1,
+                   help="layerwise dynamical isometry tolerance |1 - sigma| <= epsilon (default 0.1)")
+    g.add_argument("--out", default=os.path.join("runs", "spectrum"),
+                   help="output folder for stats.json and the plots (default runs/spectrum)")
+
+
+def add_spectrum_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``spectrum`` subcommand on an ``argparse`` subparsers object.
+
+    The sub-parser gets ``func=run_spectrum`` as a default, so ``args.func(args)`` runs it.
+    """
+    p = subparsers.add_parser("spectrum", help=_HELP, description=_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_spectrum_arguments(p)
+    p.set_defaults(func=run_spectrum)
+    return p
+
+
+def _init_runs(args) -> list[tuple[str, str, dict]]:
+    """``(label, init name, init kwargs)`` for every run the arguments ask for."""
+    from .init import get_initializer
+
+    names = []
+    for item in args.init or ["orthogonal"]:
+        names += [t.strip() for t in item.split(",") if t.strip()]
+    if not names:
+        raise ValueError("argument --init: no initialisation given")
+    gammas = [g for gs in (args.gamma or []) for g in gs]
+    runs, used = [], set()
+    for name in names:
+        try:
+            try:
+                ini = get_initializer(name)
+            except ValueError:
+                ini = get_initializer(name, gamma=1.0)  # sg needs a gamma to resolve
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"argument --init: {exc}") from None
+        allowed = set(ini.kwargs)
+        kw = {}
+        if args.sigma_b is not None:
+            kw["sigma_b"] = args.sigma_b
+        if args.gain is not None and "gain" in allowed:
+            kw["gain"] = args.gain
+            used.add("gain")
+        if "gamma" in allowed:
+            if not gammas:
+                raise ValueError(f"argument --gamma: init {name!r} needs the weight variance --gamma, got none")
+            used.add("gamma")
+            for g in gammas:
+                runs.append((f"{name}(gamma={g:g})", name, {**kw, "gamma": g}))
+            continue
+        label = name + (f"(gain={args.gain:g})" if "gain" in kw else "")
+        runs.append((label, name, kw))
+    if gammas and "gamma" not in used:
+        raise ValueError(f"argument --gamma: applies only to --init sg, got inits {names}")
+    if args.gain is not None and "gain" not in used:
+        raise ValueError(f"argument --gain: applies only to orthogonal inits, got inits {names}")
+    labels = [r[0] for r in runs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"argument --init: the same initialisation is asked for twice: {labels}")
+    return runs
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_spectrum(args: argparse.Namespace) -> int:
+    """Run ``refnet spectrum`` from parsed arguments; returns the exit status (0 on success).
+
+    Bad arguments raise ``ValueError`` naming the option (``refnet.cli.main`` prints it, status 2).
+    """
+    from . import data
+    from .arch import build, parse_arch
+
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"argument --out: {out!r} exists and is not a folder")
+    try:
+        spec = parse_arch(args.arch)
+    except ValueError as exc:
+        raise ValueError(f"argument --arch: {str(exc).splitlines()[0]}") from None
+    runs = _init_runs(args)
+    name = args.data.lower().replace("_", "-")
+    if name not in data.DATASETS:
+        raise ValueError(f"argument --data: must be one of {', '.join(data.DATASETS)}, got {args.data!r}")
+    info = data.DATASETS[name]
+    X, _ = data.load(name, split=args.split, data_dir=args.data_dir, flatten=spec.flat_input)
+    n = min(args.n_examples, X.shape[0])
+    if n < args.n_examples:
+        print(f"note: the {args.split} split of {name} has {X.shape[0]} examples; using all of them")
+    X = X[:n]
+    print(f"data: {name} {args.split} split, {n} examples of shape {X.shape[1:]}; arch: {args.arch}")
+    if args.sparsity is not None:
+        print(f"pruning: {args.prune}, sparsity {args.sparsity:g} (global, biases kept), seed {args.seed}")
+
+    results, spectra, layer_spectra = {}, {}, {}
+    for label, init, kw in runs:
+        t0 = time.perf_counter()
+        net = build(args.arch, X.shape[1:], info.n_classes, init=init, seed=args.seed, **kw)
+        if args.sparsity is not None:
+            net = net.with_masks(random_masks(net, args.sparsity, args.seed))
+        sv, lsv = collect_singular_values(net, X, batch_size=args.batch_size)
+        K = net.n_layers
+        stats = summarize(sv, lsv, epsilon=args.epsilon, layers=list(range(1, K + 1)),
+                          layer_names=[_layer_label(net, l) for l in range(K)])
+        stats.update(start=0, end=K, init=init, init_kwargs=kw, density=net.density(),
+                     seconds=round(time.perf_counter() - t0, 3))
+        results[label] = stats
+        spectra[label] = sv.ravel()
+        layer_spectra[label] = lsv
+        print()
+        print(format_stats(stats, title=label))
+
+    doc = {
+        "command": "spectrum",
+        "arch": args.arch,
+        "data": name,
+        "split": args.split,
+        "n_examples": n,
+        "seed": args.seed,
+        "sparsity": args.sparsity,
+        "prune": args.prune if args.sparsity is not None else None,
+        "epsilon": args.epsilon,
+        "results": results,
+    }
+    stats_path = os.path.join(out, "stats.json")
+    _atomic_write_text(stats_path, json.dumps(doc, indent=2) + "\n")
+    print()
+    print(f"wrote {stats_path}")
+
+    try:
+        from . import plots
+
+        plots._require_matplotlib()
+    except ImportError as exc:
+        print(f"note: no plots ({exc})")
+        return 0
+    what = "dx^K/dx^0" + (f", {args.prune} pruning at sparsity {args.sparsity:g}" if args.sparsity is not None else "")
+    paths = [
+        plots.plot_jsv_histograms(spectra, os.path.join(out, "jsv_hist.png"),
+                                  title=f"Input-output Jacobian singular values ({what}), {args.arch}, {n} examples"),
+        plots.plot_jsv_ecdf(spectra, os.path.join(out, "jsv_ecdf.png"),
+                            title=f"Empirical CDF of the input-output JSV ({what}), {args.arch}"),
+        plots.plot_layer_bands(layer_spectra, os.path.join(out, "layer_bands.png"),
+                               title=f"Layer Jacobian singular values J^(l-1,l), {args.arch}, {n} examples"),
+    ]
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
