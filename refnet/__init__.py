@@ -7,14 +7,14 @@ NumPy (no autodiff anywhere in the engine).
 >>> net = rn.mlp([784] + [100] * 6 + [10], activation="tanh", init="orthogonal", seed=0)
 """
 
-from . import activations, arch, conv, data, init, isometry, jacobian, layers, lottery, losses, prop1, pruning, theory
+from . import activations, arch, conv, data, init, isometry, jacobians, layers, lottery, losses, prop1, pruning, spectrum, theory
 from .activations import Activation, get_activation
 from .init import Initializer, get_initializer
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
 from .losses import cross_entropy, get_loss, mse
 from .arch import build
 from .isometry import approximate_isometry, isometry_residuals, l1_neuron_prune, orthp
-from .jacobian import layer_jacobians
+from .jacobians import layer_jacobians
 from .lottery import imp
 from .network import Network, Trace, load_network, mlp
 from .prop1 import mask_gradients, prop1_gradients, prop1_report
@@ -38,7 +38,12 @@ __all__ = [
     "History",
     "arch",
     "build",
+    "jacobian",
+    "jacobians",
+    "jsv_stats",
     "layer_jacobians",
+    "singular_values",
+    "spectrum",
     "approximate_isometry",
     "imp",
     "isometry",

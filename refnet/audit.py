@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import importlib
 import json
 import math
 import os
@@ -63,7 +62,9 @@ from math import prod
 import numpy as np
 
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d, layer_from_dict
+from .jacobians import jacobian
 from .network import Network, atomic_savez
+from .pruning import connection_sensitivity, keep_count, prune
 
 __all__ = [
     "AS_RUN_RTOL",
@@ -131,38 +132,6 @@ def _flax_linen():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("the Flax audit needs flax: pip install flax") from exc
     return nn
-
-
-def _jacobian_fn():
-    """refnet's dense input-output Jacobian ``jacobian(net, x) -> (B, n_out, n_in)``, from
-    ``refnet.jacobian`` or (after the planned rename) ``refnet.jacobians``."""
-    for name in ("refnet.jacobian", "refnet.jacobians"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        fn = getattr(mod, "jacobian", None)
-        if callable(fn):
-            return fn
-    raise ImportError("refnet's Jacobian module (refnet.jacobian or refnet.jacobians) could not be imported")
-
-
-def _pruning():
-    try:
-        mod = importlib.import_module("refnet.pruning")
-    except ImportError:
-        return None
-    if callable(getattr(mod, "connection_sensitivity", None)) and callable(getattr(mod, "prune", None)):
-        return mod
-    return None
-
-
-def _spectrum():
-    try:
-        mod = importlib.import_module("refnet.spectrum")
-    except ImportError:
-        return None
-    return mod if callable(getattr(mod, "summarize", None)) else None
 
 
 # ============================================================================================
@@ -564,45 +533,15 @@ def _weight_keys(net: Network) -> list:
     return [("W",) if "W" in p else () for p in net.params]
 
 
-def _scores_from_grads(net: Network, grads, params=None) -> list:
-    """``|g * w|`` per layer ("W" only), float64: SNIP's unnormalised connection sensitivity."""
-    params = net.params if params is None else params
-    return [{"W": np.abs(np.asarray(g["W"], np.float64) * np.asarray(p["W"], np.float64))} if "W" in p else {}
-            for g, p in zip(grads, params)]
-
-
-def _keep_count(m: int, sparsity: float) -> int:
-    return int(round(m * (1.0 - sparsity)))
-
-
 def _topk_masks(net: Network, scores, sparsity: float) -> list:
-    """Global top-k over all weights: refnet.pruning.prune when available; else the same rule
-    (k = round(m (1 - sparsity)), pruned entries stay pruned, ties to the lower flat index)."""
-    pr = _pruning()
-    if pr is not None:
-        import warnings
+    """Global top-k over all weights by :func:`refnet.pruning.prune` (k = round(m (1 - sparsity)),
+    pruned entries stay pruned, ties to the lower flat index)."""
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            masks = pr.prune(net, scores, sparsity, warn=False)
-        return [{"W": m["W"]} if "W" in m else {} for m in masks]
-    keys = _weight_keys(net)
-    flat = np.concatenate([np.asarray(scores[i]["W"], np.float64).ravel() for i, ks in enumerate(keys) if ks])
-    alive = np.concatenate([net.masks[i]["W"].ravel() for i, ks in enumerate(keys) if ks])
-    k = _keep_count(flat.size, sparsity)
-    idx = np.flatnonzero(alive)
-    order = idx[np.argsort(-flat[idx], kind="stable")[:k]]
-    keep = np.zeros(flat.size, dtype=bool)
-    keep[order] = True
-    out, start = [], 0
-    for i, ks in enumerate(keys):
-        if ks:
-            n = net.params[i]["W"].size
-            out.append({"W": keep[start : start + n].reshape(net.params[i]["W"].shape)})
-            start += n
-        else:
-            out.append({})
-    return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masks = prune(net, scores, sparsity, warn=False)
+    return [{"W": m["W"]} if "W" in m else {} for m in masks]
 
 
 def _threshold(net: Network, scores, sparsity: float) -> tuple[int, float]:
@@ -610,7 +549,7 @@ def _threshold(net: Network, scores, sparsity: float) -> tuple[int, float]:
     keys = _weight_keys(net)
     flat = np.concatenate([np.asarray(scores[i]["W"], np.float64).ravel() for i, ks in enumerate(keys) if ks])
     alive = np.concatenate([net.masks[i]["W"].ravel() for i, ks in enumerate(keys) if ks])
-    k = _keep_count(flat.size, sparsity)
+    k = keep_count(flat.size, sparsity)
     sa = np.sort(flat[alive])[::-1]
     if k <= 0 or sa.size == 0:
         return k, math.inf
@@ -623,7 +562,7 @@ def _threshold_gap(net: Network, scores, sparsity: float) -> float:
     keys = _weight_keys(net)
     flat = np.concatenate([np.asarray(scores[i]["W"], np.float64).ravel() for i, ks in enumerate(keys) if ks])
     alive = np.concatenate([net.masks[i]["W"].ravel() for i, ks in enumerate(keys) if ks])
-    k = _keep_count(flat.size, sparsity)
+    k = keep_count(flat.size, sparsity)
     sa = np.sort(flat[alive])[::-1]
     if k <= 0 or k >= sa.size or sa[k - 1] <= 0:
         return math.inf
@@ -651,26 +590,15 @@ def _reference(net: Network, x, y, loss_name: str, sparsity: float, want_jac: bo
     value, eps = get_loss(loss_name)(out, y)
     grads = net.backward(trace, eps)
     acts = [c["x"] for c in trace.caches[1:]] + [out]
-    pr = _pruning()
-    if pr is not None:
-        cs = pr.connection_sensitivity(net, x, y, loss_name, normalize=False)
-        scores = [{"W": d["W"]} if "W" in d else {} for d in cs]
-    else:
-        scores = _scores_from_grads(net, grads)
+    cs = connection_sensitivity(net, x, y, loss_name, normalize=False)
+    scores = [{"W": d["W"]} if "W" in d else {} for d in cs]
     masks = _topk_masks(net, scores, sparsity)
     k, t = _threshold(net, scores, sparsity)
     jac = sv = stats = None
     if want_jac:
-        jac = _jacobian_fn()(net, x)  # (B, n_out, n_in)
+        jac = jacobian(net, x)  # (B, n_out, n_in)
         sv = np.linalg.svd(jac, compute_uv=False)  # (B, r), descending
         stats = _stats(sv)
-        sp = _spectrum()
-        if sp is not None and callable(getattr(sp, "summarize", None)):
-            try:  # refnet's own statistics code on the same raw singular values
-                st = sp.summarize(sv)
-                stats["refnet.spectrum"] = {k2: st[k2] for k2 in ("mean", "std", "min", "max", "cn") if k2 in st}
-            except (TypeError, ValueError, KeyError):  # a different API: keep ours
-                pass
     return _Ref(net, x, y, loss_name, out, float(value), grads, acts, jac, scores, masks, sv, stats, k, t)
 
 

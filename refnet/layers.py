@@ -26,7 +26,7 @@ entries get exactly zero gradient. Parameter-free layers (pooling, flatten) have
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from math import prod
 
 import numpy as np
@@ -340,7 +340,6 @@ class Conv2d(Layer):
     def jacobian(self, params, cache, mask=None):
         x = cache["x"]
         M = _conv.conv_matrix(_masked(params, mask, "W"), x.shape[1:], self.stride, self.padding, self.padding_mode)
-        B = x.shape[0]
         return _rows(cache["D"])[:, :, None] * M[None]  # (B, n_out, n_in): J = D M
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from math import prod
 from typing import Sequence
 
 import numpy as np

@@ -15,7 +15,7 @@ identity) ``D^l = I`` and ``x^{l-1} = J^{0,l-1} x^0 + a^{l-1}``, with ``a^{l-1}`
 contributions (``x^{l-1}`` at ``x^0 = 0``): the paper's eq. (10).
 
 :func:`prop1_gradients` evaluates these formulas with ``J^{l,K}`` and ``J^{0,l-1}`` formed as
-dense matrices by :func:`refnet.jacobian.jacobian`; it never runs the backward pass, so
+dense matrices by :func:`refnet.jacobians.jacobian`; it never runs the backward pass, so
 comparing it with :meth:`refnet.network.Network.loss_and_grads` (:func:`prop1_report`) is an
 independent check of backprop. :func:`mask_gradients` is connection sensitivity by its own route:
 the derivative of ``L(c * W)`` with respect to the mask ``c``.
@@ -35,7 +35,7 @@ import numpy as np
 
 from ._checks import check_choice
 from .conv import im2col
-from .jacobian import jacobian
+from .jacobians import jacobian
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d
 from .losses import get_loss
 from .network import Network
@@ -142,7 +142,7 @@ def prop1_gradients(net, x, y, loss="cross_entropy", form: str = "general", *, m
     general form (i)
         ``dL/dW^l = sum_i (D^l_i J^{l,K}_i^T eps_i^T) x^{l-1}_i^T``,
         ``dL/db^l = sum_i D^l_i J^{l,K}_i^T eps_i^T``,
-        with ``J^{l,K}`` from :func:`refnet.jacobian.jacobian` (``J^{K,K} = I``) and ``D^l``,
+        with ``J^{l,K}`` from :func:`refnet.jacobians.jacobian` (``J^{K,K} = I``) and ``D^l``,
         ``x^{l-1}`` from the forward trace.
     linear form (ii), paper eq. (10); every activation the identity
         ``D^l = I`` and ``x^{l-1}`` replaced by ``J^{0,l-1}_i x^0_i + a^{l-1}``, where
@@ -162,7 +162,7 @@ def prop1_gradients(net, x, y, loss="cross_entropy", form: str = "general", *, m
     loss : "cross_entropy", "mse" or a callable ``(z, y) -> (loss, eps)``
     form : {"general", "linear"}
     max_elements : int, optional
-        Budget for each dense Jacobian (see :func:`refnet.jacobian.jacobian`).
+        Budget for each dense Jacobian (see :func:`refnet.jacobians.jacobian`).
 
     Returns
     -------

@@ -2,7 +2,7 @@ r"""Jacobian singular values (JSV) and layerwise dynamical isometry (PAPER.md se
 
 For every example the exact Jacobian ``J^{start,end} = dx^end/dx^start`` (by default the
 input-output Jacobian ``J^{0,K} = prod_l D^l W^l``, ``10 x 784`` for an MNIST classifier) is
-formed by :func:`refnet.jacobian.jacobian` and its singular values are taken with
+formed by :func:`refnet.jacobians.jacobian` and its singular values are taken with
 ``np.linalg.svd(compute_uv=False)`` (descending). The SPP code pools the singular values of all
 examples and reports their mean, std, max and min; the SPP tables add the condition number
 
@@ -44,7 +44,7 @@ from math import prod
 import numpy as np
 
 from ._checks import as_rng, check_float, check_int
-from .jacobian import _check_net, _check_range, jacobian
+from .jacobians import _check_net, _check_range, jacobian
 from .network import Network
 
 __all__ = [
@@ -106,8 +106,8 @@ def collect_singular_values(net, x, start: int = 0, end: int | None = None, batc
                             layerwise: bool = True, zero_rtol=None, max_elements=None):
     """Singular values of ``J^{start,end}`` and (optionally) of every layer Jacobian, in one pass.
 
-    One forward pass per batch serves both: its trace is reused by :func:`refnet.jacobian.jacobian`
-    and :func:`refnet.jacobian.layer_jacobians`.
+    One forward pass per batch serves both: its trace is reused by :func:`refnet.jacobians.jacobian`
+    and :func:`refnet.jacobians.layer_jacobians`.
 
     Parameters
     ----------
@@ -122,7 +122,7 @@ def collect_singular_values(net, x, start: int = 0, end: int | None = None, batc
     zero_rtol : float >= 0, optional
         Relative threshold below which a singular value is reported as 0 (module doc).
     max_elements : int, optional
-        Budget per Jacobian array, as in :func:`refnet.jacobian.jacobian`.
+        Budget per Jacobian array, as in :func:`refnet.jacobians.jacobian`.
 
     Returns
     -------
@@ -131,7 +131,7 @@ def collect_singular_values(net, x, start: int = 0, end: int | None = None, batc
         Entry ``i`` holds the singular values of layer ``l = start + i + 1``,
         shape (n_examples, min(N_l, N_{l-1})).
     """
-    from .jacobian import layer_jacobians
+    from .jacobians import layer_jacobians
 
     _check_net(net)
     start, end = _check_range(net, start, end)
@@ -185,7 +185,7 @@ def layer_singular_values(net, x, batch_size: int = 100, *, zero_rtol=None, max_
     """Singular values of every layer Jacobian ``J^{l-1,l}`` (``= D^l W^l``), per example.
 
     Streamed over ``x`` in batches like :func:`singular_values` (layer Jacobians from
-    :func:`refnet.jacobian.layer_jacobians`, one batch at a time).
+    :func:`refnet.jacobians.layer_jacobians`, one batch at a time).
 
     Returns
     -------
@@ -193,7 +193,7 @@ def layer_singular_values(net, x, batch_size: int = 100, *, zero_rtol=None, max_
         Entry ``l-1`` has shape ``(n_examples, min(N_l, N_{l-1}))``, rows descending. Parameter-free
         layers are included (Flatten gives all ones).
     """
-    from .jacobian import layer_jacobians
+    from .jacobians import layer_jacobians
 
     _check_net(net)
     x = _check_x(net, x)

@@ -396,12 +396,11 @@ def _monotone_fixed_point(g, x0, lo, hi, tol, max_iter, what):
     Raises ValueError when no fixed point is bracketed.
     """
     x, step = x0, math.nan
-    prev_step = math.nan
     for _ in range(max_iter):
         gx = g(x)
         if not math.isfinite(gx):
             raise ValueError(f"{what}: the iteration produced a non-finite value {gx}")
-        prev_step, step = step, gx - x
+        step = gx - x
         x = min(max(gx, lo), hi)
         if abs(step) <= tol * max(1.0, abs(x)):
             break

@@ -416,7 +416,7 @@ def test_flax_sequential(rng):
 
 
 def _npz_case(rng):
-    from refnet.jacobian import jacobian
+    from refnet.jacobians import jacobian
 
     net = mlp([6, 8, 8, 3], activation="tanh", seed=0)
     x, y = _data(rng, 5, (6,), 3)

@@ -67,7 +67,7 @@ which.
     With circular padding ``k // 2`` and stride 1, a conv whose kernel is an orthogonal
     ``(c_out, c_in)`` matrix at the centre tap (``c_out >= c_in``) is an exact isometry: every
     singular value of the full operator (:func:`refnet.conv.conv_matrix`, and the Jacobian of a
-    stack of such layers by :func:`refnet.jacobian.jacobian`) is 1 to 1e-12.
+    stack of such layers by :func:`refnet.jacobians.jacobian`) is 1 to 1e-12.
 
 (f) Proposition 1 of [SPP] on real data (:func:`refnet.prop1.prop1_report`)
     784-100x6-10 MLPs, biases N(0, 0.1^2) so the bias term ``a`` of the linear form is not
@@ -504,7 +504,7 @@ def _check_spectrum(run: Run, cfg: dict, seed: int) -> None:
 
 def _conv_isometry(seed: int, c: int, hw: int) -> dict:
     from refnet.conv import conv_matrix
-    from refnet.jacobian import jacobian
+    from refnet.jacobians import jacobian
     from refnet.layers import Conv2d
     from refnet.network import Network
 

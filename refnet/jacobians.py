@@ -1,5 +1,7 @@
 r"""Exact Jacobians of a network, per example (PAPER.md section 1).
 
+The module is ``refnet.jacobians``; its main function is also ``refnet.jacobian``.
+
 For a network with layers ``x^l = f_l(x^{l-1})`` the layer Jacobian is ``J^{l-1,l} = dx^l/dx^{l-1}``
 (``= D^l W^l`` for an affine layer), and for ``0 <= k < l <= K``
 
@@ -66,7 +68,7 @@ def _budget(n_elements: int, max_elements, what: str) -> None:
     if n_elements > limit:
         raise ValueError(
             f"{what} needs {n_elements:,} elements, above max_elements={limit:,}; raise max_elements, "
-            "use fewer examples per call, or use the matrix-free route: refnet.jacobian.jvp / vjp, "
+            "use fewer examples per call, or use the matrix-free route: refnet.jacobians.jvp / vjp, "
             "jacobian_operator and extreme_singular_values"
         )
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from netgen import cnns, mlps
 
 import refnet as rn
-from refnet import jacobian as jac
+from refnet import jacobians as jac
 
 
 def _rel(a, b):
