@@ -54,7 +54,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from math import prod
@@ -62,8 +61,9 @@ from math import prod
 import numpy as np
 
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d, layer_from_dict
+from ._io import atomic_savez, atomic_write, atomic_write_text
 from .jacobians import jacobian
-from .network import Network, atomic_savez
+from .network import Network
 from .pruning import connection_sensitivity, keep_count, prune
 
 __all__ = [
@@ -290,7 +290,7 @@ class AuditReport:
     def to_json(self, path=None, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            _atomic_write_text(path, text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     def to_markdown(self) -> str:
@@ -337,7 +337,7 @@ class AuditReport:
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         md, js = os.path.join(folder, "report.md"), os.path.join(folder, "report.json")
-        _atomic_write_text(md, self.to_markdown())
+        atomic_write_text(md, self.to_markdown())
         self.to_json(js)
         return md, js
 
@@ -378,28 +378,6 @@ def _jsonable(obj):
     if obj is None or isinstance(obj, (str, int, bool)):
         return obj
     return str(obj)
-
-
-def _atomic_write_text(path, text: str) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# ============================================================================================
-# comparisons
-# ============================================================================================
 
 
 def _tensor_check(name, section, got, ref, tol, source="", note="") -> Check:
@@ -1476,18 +1454,7 @@ def save_torch_checkpoint(module, path, arch: str, in_shape, n_classes: int | No
         n_classes = lin[-1].out_features
     payload = {"format": "refnet.audit.torch", "version": 1, "arch": arch, "in_shape": list(in_shape),
                "n_classes": int(n_classes), "state_dict": module.state_dict()}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f), suffix=".pt")
 
 
 def load_torch_checkpoint(path, arch: str | None = None, in_shape=None, n_classes: int | None = None):

@@ -46,7 +46,6 @@ import dataclasses
 import gzip
 import hashlib
 import os
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -55,6 +54,7 @@ from typing import Iterator
 import numpy as np
 
 from ._checks import as_rng, check_choice, check_float, check_int, resolve_dtype
+from ._io import atomic_write
 
 __all__ = [
     "DATASETS",
@@ -302,24 +302,6 @@ def read_idx(path) -> np.ndarray:
     return _read_idx(path)[1]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_idx(path, array) -> None:
     """Write ``array`` as an IDX file, gzip-compressed when ``path`` ends in ``.gz``.
 
@@ -360,7 +342,7 @@ def write_idx(path, array) -> None:
             f.write(header)
             f.write(payload)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _data_dir(name: str, data_dir) -> Path:
@@ -618,7 +600,7 @@ def _read_disk_cache(path: Path, name: str):
 
 def _write_disk_cache(path: Path, arrays) -> None:
     try:
-        _atomic_write(path, lambda f: np.savez(f, **dict(zip(_KEYS, arrays))))
+        atomic_write(path, lambda f: np.savez(f, **dict(zip(_KEYS, arrays))))
     except OSError as exc:  # a read-only cache folder must not break loading
         warnings.warn(
             f"could not write refnet cache file {path}: {exc}", RuntimeWarning, stacklevel=4

@@ -17,13 +17,12 @@ weight is ``mask * W``. A network is not changed by any failed call; methods tha
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from ._io import atomic_savez
 from ._checks import as_rng, check_array, check_float, resolve_dtype
 from .init import Initializer, get_initializer
 from .layers import Dense, Layer, layer_from_dict
@@ -490,24 +489,6 @@ class Network:
         if cfg.get("init"):
             net.init = [None if d is None else Initializer.from_dict(d) for d in cfg["init"]]
         return net
-
-
-def atomic_savez(path, arrays: dict) -> None:
-    """``np.savez`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_network(path) -> Network:

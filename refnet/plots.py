@@ -16,10 +16,10 @@ deficient Jacobians) cannot be drawn there, and the legend says how many were le
 
 from __future__ import annotations
 
-import os
-import tempfile
 
 import numpy as np
+
+from ._io import atomic_savefig
 
 __all__ = ["plot_jsv_histograms", "plot_jsv_ecdf", "plot_layer_bands"]
 
@@ -50,20 +50,7 @@ def _figure(ncols: int = 1, figsize=(7.0, 4.5), sharey: bool = False):
 
 
 def _save(fig, path) -> str:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = atomic_savefig(fig, path)
     return path
 
 

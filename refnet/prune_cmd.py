@@ -68,12 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _masks_npz(path, masks) -> None:
     import numpy as np
 
-    from .network import atomic_savez
+    from ._io import atomic_savez
 
     atomic_savez(path, {f"mask/{i}/{k}": np.asarray(v) for i, m in enumerate(masks) for k, v in m.items()})
 
 
 def _plot_curves(path, hist) -> str | None:
+    from ._io import atomic_savefig
+
     try:
         import matplotlib
 
@@ -90,10 +92,8 @@ def _plot_curves(path, hist) -> str | None:
     ax[1].set_xlabel("SGD step")
     ax[1].set_ylabel("test error (%)")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_savefig(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from .spectrum import format_stats, jsv_stats
     from .train import train
-    from .validation.common import atomic_write_text
+    from ._io import atomic_write_text
 
     say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
     os.makedirs(args.out, exist_ok=True)

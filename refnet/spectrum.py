@@ -37,13 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from math import prod
 
 import numpy as np
 
 from ._checks import as_rng, check_float, check_int
+from ._io import atomic_write_text
 from .jacobians import _check_net, _check_range, jacobian
 from .network import Network
 
@@ -529,22 +529,6 @@ def _init_runs(args) -> list[tuple[str, str, dict]]:
     return runs
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run_spectrum(args: argparse.Namespace) -> int:
     """Run ``refnet spectrum`` from parsed arguments; returns the exit status (0 on success).
 
@@ -605,7 +589,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         "results": results,
     }
     stats_path = os.path.join(out, "stats.json")
-    _atomic_write_text(stats_path, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(stats_path, json.dumps(doc, indent=2) + "\n")
     print()
     print(f"wrote {stats_path}")
 

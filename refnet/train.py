@@ -28,12 +28,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from ._io import atomic_write_json
 
 from ._checks import as_rng, check_array, check_float, check_int, check_labels
 from .losses import get_loss
@@ -165,21 +166,7 @@ class History:
     def save_json(self, path) -> None:
         """Write :meth:`to_dict` as JSON to ``path`` atomically (temporary file in the same
         folder, then ``os.replace``), so a reader never sees a half-written file."""
-        path = os.fspath(path)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_json(path, self.to_dict(), indent=1, allow_nan=False)
 
     @classmethod
     def load_json(cls, path) -> "History":

@@ -541,21 +541,6 @@ def test_corrupt_cache_file_is_ignored_and_rewritten(tmp_path, fresh_cache, kind
         assert z["X_train"].shape == (30, 784) and z["X_train"].dtype == np.uint8
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"old")
-
-    def half_then_fail(f):
-        f.write(b"new but incomplete")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        data._atomic_write(path, half_then_fail)
-    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f"]
-    data._atomic_write(path, lambda f: f.write(b"new"))
-    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f"]
-
-
 def test_unwritable_cache_dir_still_loads(tmp_path, fresh_cache, monkeypatch):
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("REFNET_CACHE_DIR", str(tmp_path / "file" / "sub"))

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,22 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Check", "Run", "parse_args", "atomic_write_text", "fmt", "load_data"]
+from refnet._io import atomic_savefig, atomic_write_text
 
-
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["Check", "Run", "parse_args", "atomic_savefig", "atomic_write_text", "fmt", "load_data"]
 
 
 def _jsonable(obj):

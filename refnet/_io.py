@@ -1,0 +1,58 @@
+"""Atomic file writes: every file refnet writes goes through :func:`atomic_write`.
+
+The content is written to a temporary file in the destination folder, flushed and fsynced, then
+moved into place with ``os.replace`` (atomic on POSIX and Windows), so a reader or a crash never
+sees a half-written file; on any error the temporary file is removed and the old file stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_savez", "atomic_savefig"]
+
+
+def atomic_write(path, write: Callable, *, suffix: str = ".tmp") -> None:
+    """Call ``write(fileobj)`` (binary) on a temporary file beside ``path``, then replace ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path, obj, *, indent: int = 2, allow_nan: bool = True) -> None:
+    """Write ``obj`` as JSON atomically (a trailing newline included)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
+
+
+def atomic_savez(path, arrays: dict) -> None:
+    """``np.savez`` of ``arrays`` atomically (read it back with ``allow_pickle=False``)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays), suffix=".npz")
+
+
+def atomic_savefig(fig, path, *, dpi: int = 110) -> str:
+    """Save a matplotlib figure as PNG atomically; returns the path."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), suffix=".png")
+    return os.fspath(path)
