@@ -26,7 +26,7 @@ import numpy as np
 
 from refnet._io import atomic_savefig, atomic_write_text
 
-__all__ = ["Check", "Run", "parse_args", "atomic_savefig", "atomic_write_text", "fmt", "load_data"]
+__all__ = ["Check", "Run", "parse_args", "atomic_savefig", "atomic_write_text", "fmt", "load_data", "new_figure", "new_figure_row"]
 
 
 def _jsonable(obj):
@@ -121,6 +121,22 @@ def _code_fingerprint(name: str) -> str:
     except (ImportError, OSError, TypeError):
         h.update(name.encode())
     return h.hexdigest()[:12]
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, figsize=(7.0, 4.5), sharey: bool = False):
+    """A matplotlib Figure on the Agg canvas (no pyplot state) and its ``(nrows, ncols)`` axes grid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
+
+
+def new_figure_row(ncols: int = 1, figsize=(7.0, 4.5)):
+    """:func:`new_figure` with one row: ``(fig, axes)`` with ``axes`` of length ``ncols``."""
+    fig, axes = new_figure(1, ncols, figsize)
+    return fig, axes[0]
 
 
 class Run:
