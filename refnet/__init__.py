@@ -7,7 +7,7 @@ NumPy (no autodiff anywhere in the engine).
 >>> net = rn.mlp([784] + [100] * 6 + [10], activation="tanh", init="orthogonal", seed=0)
 """
 
-from . import activations, arch, conv, data, init, isometry, jacobians, layers, lottery, losses, prop1, pruning, spectrum, theory
+from . import activations, arch, conv, data, init, isometry, jacobians, layers, lottery, losses, prop1, pruning, spectrum, theory, training
 from .activations import Activation, get_activation
 from .init import Initializer, get_initializer
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
@@ -29,7 +29,7 @@ from .pruning import (
     synflow_prune,
     synflow_scores,
 )
-from .train import History, train
+from .training import History, train
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [
     "lottery",
     "orthp",
     "theory",
+    "training",
     "LayerCollapseWarning",
     "connection_sensitivity",
     "magnitude_scores",

@@ -160,7 +160,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from . import data
     from .arch import build, parse_arch
-    from .train import train
+    from .training import train
 
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):

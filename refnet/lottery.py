@@ -23,7 +23,7 @@ round r = 1 .. rounds
     rewinding), with the same batch order seed every round; the optimiser's momentum buffer is not
     rewound (it restarts at 0) and the batch order restarts from the seed's beginning.
 
-Training is :func:`refnet.train.train` (SGD with momentum, weight decay on masked weights); it
+Training is :func:`refnet.training.train` (SGD with momentum, weight decay on masked weights); it
 keeps pruned gradients at exactly 0. Biases are never pruned (their masks stay as given).
 """
 
@@ -161,14 +161,14 @@ def imp(
     net : Network
         The initial network (its weights are ``W_0``; existing masks are respected: pruned stays
         pruned). Not changed.
-    X, y : training data, as for :func:`refnet.train.train`
+    X, y : training data, as for :func:`refnet.training.train`
     rounds : int >= 0
         Pruning rounds after the dense round 0 (so ``rounds + 1`` trainings).
     sparsity_per_round : float in (0, 1)
         Fraction ``p`` of the REMAINING weights pruned each round.
     steps_per_round : int >= 1
         Training steps of round 0; later rounds train ``steps_per_round - rewind_step`` steps.
-    lr, batch_size, momentum, weight_decay : as for :func:`refnet.train.train`
+    lr, batch_size, momentum, weight_decay : as for :func:`refnet.training.train`
     rewind_step : int, 0 <= k < steps_per_round
         0: rewind to the initial weights; k > 0: to the weights after k steps of round 0.
     scope : {"global", "layer"}
@@ -191,7 +191,7 @@ def imp(
         round trained with). ``"net"``: the network trained in the last round. ``"rewind_params"``:
         the parameters ``W_k`` rewound to. ``"settings"``: the arguments.
     """
-    from .train import train  # a sibling module; imported here to keep import order free
+    from .training import train  # a sibling module; imported here to keep import order free
 
     if not isinstance(net, Network):
         raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         synflow_prune,
     )
     from .spectrum import format_stats, jsv_stats
-    from .train import train
+    from .training import train
     from ._io import atomic_write_text
 
     say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))

@@ -55,7 +55,7 @@ def test_train_writes_files_and_reports_accuracy(tmp_path, capsys):
     Xt, yt = data.load("synthetic", split="test")
     assert net.evaluate(Xt, yt)[1] == hist["test_acc"][-1]
     ref = build("mlp-3-tanh-w16", (20,), 4, init="orthogonal", seed=1)
-    from refnet.train import train
+    from refnet.training import train
 
     X, y = data.load("synthetic", split="train")
     train(ref, X, y, steps=40, lr=1.0, seed=1, eval_every=10)

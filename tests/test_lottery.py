@@ -8,7 +8,7 @@ import pytest
 
 import refnet as rn
 from refnet import lottery
-from refnet.train import train
+from refnet.training import train
 
 STEPS = 30
 TRAIN_KW = dict(lr=0.1, batch_size=50, momentum=0.9, weight_decay=1e-4)

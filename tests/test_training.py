@@ -1,4 +1,4 @@
-"""Tests for refnet.train: SGD/momentum formula, masks, determinism, errors, history files.
+"""Tests for refnet.training (refnet.train): SGD/momentum formula, masks, determinism, errors, history files.
 
 Every test here was seen failing once on a planted bug in refnet/train.py (noted per test).
 """
@@ -16,7 +16,7 @@ import pytest
 from refnet import data
 from refnet.arch import build
 from refnet.network import Network, mlp
-from refnet.train import History, load_history, train
+from refnet.training import History, load_history, train
 
 
 @pytest.fixture(scope="module")
