@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 def write_summary(out, names=None) -> Path:
     """Gather OUT/<name>/results.json of every script into OUT/SUMMARY.md."""
     from refnet.validation import SCRIPTS
-    from refnet.validation.common import atomic_write_text
+    from refnet.validation.common import atomic_write_text, check_row
 
     out = Path(out)
     names = names or list(SCRIPTS)
@@ -110,10 +110,7 @@ def write_summary(out, names=None) -> Path:
         rows.append(f"| [{name}](#{name}) | {res.get('status')} ({res['settings']['mode']}) | {n_yes} hold, {n_no} do not | {res.get('seconds', 0):.0f} s |")
         body += ["", f"<a id=\"{name}\"></a>", f"## {res.get('title', name)}", "",
                  "| check | paper | refnet | agreement criterion | holds? |", "|---|---|---|---|---|"]
-        for c in checks:
-            mark = {True: "yes", False: "**no**", None: "n/a"}[c["holds"]]
-            note = f" ({c['note']})" if c.get("note") else ""
-            body.append(f"| {c['name']} | {c['paper']} | {c['refnet']} | {c['criterion']}{note} | {mark} |")
+        body += [check_row(c) for c in checks]
         for fig in res.get("figures", []):
             body += ["", f"![{fig['caption']}]({name}/{fig['file']})", f"*{fig['caption']}*"]
         body += ["", f"Full report: [{name}/report.md]({name}/report.md)"]

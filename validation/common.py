@@ -51,6 +51,18 @@ def _jsonable(obj):
     return obj
 
 
+def md_cell(text) -> str:
+    """Text made safe for one Markdown table cell (``|`` escaped, newlines as spaces)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def check_row(c: dict) -> str:
+    """One row of the table "check | paper | refnet | agreement criterion | holds?"."""
+    mark = {True: "yes", False: "**no**", None: "n/a"}[c["holds"]]
+    note = f" ({c['note']})" if c.get("note") else ""
+    return f"| {md_cell(c['name'])} | {md_cell(c['paper'])} | {md_cell(c['refnet'])} | {md_cell(c['criterion'] + note)} | {mark} |"
+
+
 def fmt(value, spec: str = ".3g") -> str:
     """Format a number (or a list of numbers) for a report table."""
     if value is None:
@@ -226,10 +238,7 @@ class Run:
         if self.resumed:
             lines.append(f"Resumed: {self.resumed} unit(s) taken from an earlier run with the same settings.")
         lines += ["", "| check | paper | refnet | agreement criterion | holds? |", "|---|---|---|---|---|"]
-        for c in self.checks:
-            mark = {True: "yes", False: "**no**", None: "n/a"}[c.holds]
-            note = f" ({c.note})" if c.note else ""
-            lines.append(f"| {c.name} | {c.paper} | {c.refnet} | {c.criterion}{note} | {mark} |")
+        lines += [check_row(asdict(c)) for c in self.checks]
         for s in self.sections:
             lines += ["", s]
         for f, cap in self.figures:

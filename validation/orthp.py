@@ -44,7 +44,6 @@ Checks ([DI]'s claims, with criteria judged over every replicate):
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
