@@ -18,6 +18,16 @@ import numpy as np
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_savez", "atomic_savefig"]
 
 
+def _target_mode(path: Path) -> int:
+    """The existing file's permission bits, or ``0o666`` less the process umask for a new file."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path, write: Callable, *, suffix: str = ".tmp") -> None:
     """Call ``write(fileobj)`` (binary) on a temporary file beside ``path``, then replace ``path``."""
     path = Path(path)
@@ -28,6 +38,8 @@ def atomic_write(path, write: Callable, *, suffix: str = ".tmp") -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file 0600; give it the mode an ordinary open() would have
+        os.chmod(tmp, _target_mode(path))
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -238,6 +238,30 @@ register(
 )
 
 
+def _add_spectrum(p: argparse.ArgumentParser) -> None:
+    from .spectrum import add_spectrum_arguments
+
+    add_spectrum_arguments(p)
+
+
+def _run_spectrum(args: argparse.Namespace) -> int:
+    from .spectrum import run_spectrum
+
+    return run_spectrum(args)
+
+
+register(
+    "spectrum",
+    "Jacobian singular values and layerwise dynamical isometry of one or more initializations",
+    _add_spectrum,
+    _run_spectrum,
+    description="For each initialization, build the network, optionally prune it, and compute the\n"
+    "singular values of the input-output Jacobian of every example (pooled mean, std, min, max,\n"
+    "CN = max/min as the SPP tables; CN mean over examples as [DI]) and of every layer Jacobian\n"
+    "(fraction within epsilon of 1: layerwise dynamical isometry). Writes OUT/stats.json and PNGs.",
+)
+
+
 def _add_prune(p: argparse.ArgumentParser) -> None:
     from .prune_cmd import add_arguments
 

@@ -16,6 +16,7 @@ deficient Jacobians) cannot be drawn there, and the legend says how many were le
 
 from __future__ import annotations
 
+import textwrap
 
 import numpy as np
 
@@ -47,6 +48,10 @@ def _figure(ncols: int = 1, figsize=(7.0, 4.5), sharey: bool = False):
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
     return fig, axes
+
+
+def _wrap(title: str, width: int = 72) -> str:
+    return textwrap.fill(str(title), width) if title else ""
 
 
 def _save(fig, path) -> str:
@@ -127,7 +132,7 @@ def plot_jsv_histograms(spectra: dict, path, bins: int = 60, log: bool = True,
         ax.set_xscale("log")
     ax.set_xlabel("singular value sigma (dimensionless)" + (", log scale" if logx else ""))
     ax.set_ylabel("fraction of singular values per bin")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -152,7 +157,7 @@ def plot_jsv_ecdf(spectra: dict, path, log: bool = True,
     ax.set_ylim(0.0, 1.02)
     ax.set_xlabel("singular value sigma (dimensionless)" + (", log scale" if logx else ""))
     ax.set_ylabel("fraction of singular values <= sigma")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
@@ -200,9 +205,11 @@ def plot_layer_bands(layer_values, path, log: bool = True,
             ax.set_yscale("log", nonpositive="clip")
         ax.set_xticks(ls)
         ax.set_xlabel("layer l")
-        ax.set_title(label or "", fontsize=9)
+        n_zero = sum(int(np.count_nonzero(v <= 0)) for v in layers.values())
+        note = f" ({n_zero} zeros below the axis)" if logy and n_zero else ""
+        ax.set_title(_wrap(f"{label}{note}", 40), fontsize=9)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("singular value of J^(l-1,l)" + (" (log scale)" if logy else ""))
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, 40 * n if n > 1 else 72), fontsize=10)
     return _save(fig, path)

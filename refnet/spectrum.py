@@ -38,11 +38,10 @@ import argparse
 import json
 import os
 import time
-from math import prod
 
 import numpy as np
 
-from ._checks import as_rng, check_float, check_int
+from ._checks import check_float, check_int
 from ._io import atomic_write_text
 from .jacobians import _check_net, _check_range, jacobian
 from .network import Network
@@ -54,8 +53,6 @@ __all__ = [
     "summarize",
     "jsv_stats",
     "format_stats",
-    "random_masks",
-    "add_spectrum_parser",
     "add_spectrum_arguments",
     "run_spectrum",
 ]
@@ -350,95 +347,22 @@ def format_stats(stats: dict, title: str | None = None) -> str:
 # ============================================================================================
 
 
-def random_masks(net, sparsity: float, seed=None) -> list[dict]:
-    """Random global pruning: keep exactly ``round(m * (1 - sparsity))`` of the ``m`` weights.
-
-    The kept weights are a uniformly random subset of all weight entries of all layers together
-    (global, not per layer). Biases are kept. Returns masks for :meth:`Network.with_masks`: one
-    dict per layer with a boolean array per parameter (``{}`` for parameter-free layers).
-    """
-    _check_net(net)
-    sparsity = check_float(sparsity, "sparsity", min_value=0.0, max_value=1.0)
-    rng = as_rng(seed)
-    shapes = net.param_shapes()
-    m = sum(prod(s["W"]) for s in shapes if "W" in s)
-    k = int(round(m * (1.0 - sparsity)))
-    keep = np.zeros(m, dtype=bool)
-    keep[rng.permutation(m)[:k]] = True
-    masks, at = [], 0
-    for s in shapes:
-        d = {key: np.ones(shape, dtype=bool) for key, shape in s.items()}
-        if "W" in s:
-            n = prod(s["W"])
-            d["W"] = keep[at : at + n].reshape(s["W"])
-            at += n
-        masks.append(d)
-    return masks
-
-
 # ============================================================================================
 # the `refnet spectrum` command
 # ============================================================================================
 
-_HELP = "Jacobian singular values and layerwise dynamical isometry of one or more initialisations"
-_DESCRIPTION = (
-    "For each initialisation, build the network, optionally prune it, and compute the singular values "
-    "of the input-output Jacobian dx^K/dx^0 of every example (pooled: mean, std, min, max, CN = max/min "
-    "as in the SPP tables; CN mean over examples as in [DI]) and of every layer Jacobian J^(l-1,l) "
-    "(fraction within epsilon of 1: layerwise dynamical isometry). Writes OUT/stats.json and PNG plots "
-    "(histograms, empirical CDFs, per-layer bands)."
-)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (np.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (np.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return v
-
-
-def _sparsity(text: str) -> float:
-    v = _nonneg_float(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
-    return v
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-
-    parse.__name__ = f"int>={lo}"
-    return parse
-
-
 def _gammas(text: str) -> list:
-    return [_positive_float(t) for t in text.split(",") if t.strip()]
+    from .cli import _float_in
+
+    return [_float_in(0.0, lo_open=True)(t) for t in text.split(",") if t.strip()]
 
 
 def add_spectrum_arguments(p: argparse.ArgumentParser) -> None:
     """Add the options of ``refnet spectrum`` to a parser (for :func:`refnet.cli.register`)."""
     from .arch import ARCH_HELP
+    from .cli import _float_in, _int_at_least
 
+    _positive_float, _nonneg_float = _float_in(0.0, lo_open=True), _float_in(0.0)
     p.epilog = ARCH_HELP
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="mnist5k", help="dataset: mnist5k (default), digits, mnist, fashion-mnist, synthetic")
@@ -458,30 +382,17 @@ def add_spectrum_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma-b", type=_nonneg_float, default=None, help="bias std of every init (default 0)")
     g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the init and of the pruning mask (default 0)")
     g = p.add_argument_group("pruning")
-    g.add_argument("--sparsity", type=_sparsity, default=None,
+    g.add_argument("--sparsity", type=_float_in(0.0, 1.0, hi_open=True), default=None,
                    help="prune this fraction of all weights (global) before measuring; default: no pruning")
-    g.add_argument("--prune", default="random", choices=["random"],
-                   help="pruning method for --sparsity: only 'random' for now (a uniformly random global set "
-                        "of exactly round(m*(1-sparsity)) of the m weights is kept, biases kept); connection "
-                        "sensitivity (SNIP) will be added")
+    g.add_argument("--prune", default="snip", choices=["snip", "random", "magnitude"],
+                   help="pruning method for --sparsity (refnet.pruning; exactly round(m*(1-sparsity)) of the m "
+                        "weights kept, biases kept): snip scores the first 100 training examples (default)")
     g = p.add_argument_group("measurement and output")
     g.add_argument("--batch-size", type=_int_at_least(1), default=100, help="examples per Jacobian batch (default 100)")
     g.add_argument("--epsilon", type=_nonneg_float, default=0.1,
                    help="layerwise dynamical isometry tolerance |1 - sigma| <= epsilon (default 0.1)")
     g.add_argument("--out", default=os.path.join("runs", "spectrum"),
                    help="output folder for stats.json and the plots (default runs/spectrum)")
-
-
-def add_spectrum_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``spectrum`` subcommand on an ``argparse`` subparsers object.
-
-    The sub-parser gets ``func=run_spectrum`` as a default, so ``args.func(args)`` runs it.
-    """
-    p = subparsers.add_parser("spectrum", help=_HELP, description=_DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_spectrum_arguments(p)
-    p.set_defaults(func=run_spectrum)
-    return p
 
 
 def _init_runs(args) -> list[tuple[str, str, dict]]:
@@ -529,6 +440,20 @@ def _init_runs(args) -> list[tuple[str, str, dict]]:
     return runs
 
 
+def _prune(net, args, name, spec) -> list:
+    """Masks of ``--prune`` at ``--sparsity`` through :mod:`refnet.pruning`."""
+    from . import data, pruning
+
+    if args.prune == "random":
+        scores = pruning.random_scores(net, args.seed)
+    elif args.prune == "magnitude":
+        scores = pruning.magnitude_scores(net)
+    else:
+        Xs, ys = data.load(name, split="train", data_dir=args.data_dir, flatten=spec.flat_input)
+        scores = pruning.connection_sensitivity(net, Xs[:100], ys[:100])
+    return pruning.prune(net, scores, sparsity=args.sparsity)
+
+
 def run_spectrum(args: argparse.Namespace) -> int:
     """Run ``refnet spectrum`` from parsed arguments; returns the exit status (0 on success).
 
@@ -563,7 +488,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         net = build(args.arch, X.shape[1:], info.n_classes, init=init, seed=args.seed, **kw)
         if args.sparsity is not None:
-            net = net.with_masks(random_masks(net, args.sparsity, args.seed))
+            net = net.with_masks(_prune(net, args, name, spec))
         sv, lsv = collect_singular_values(net, X, batch_size=args.batch_size)
         K = net.n_layers
         stats = summarize(sv, lsv, epsilon=args.epsilon, layers=list(range(1, K + 1)),

@@ -49,3 +49,18 @@ def test_savefig(tmp_path):
     out = _io.atomic_savefig(fig, tmp_path / "p.png")
     assert out.endswith("p.png") and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+def test_new_files_get_the_umask_mode_and_existing_files_keep_theirs(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        _io.atomic_write_text(tmp_path / "new.txt", "x")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        (tmp_path / "kept.txt").write_text("a")
+        os.chmod(tmp_path / "kept.txt", 0o640)
+        _io.atomic_write_text(tmp_path / "kept.txt", "b")
+        assert (tmp_path / "kept.txt").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
