@@ -7,7 +7,7 @@ import importlib
 
 from .common import blas_info, print_table, write_json
 
-SUITES = ["engine"]
+SUITES = ["engine", "kernels", "jacobian"]
 
 
 def main(argv=None) -> int:

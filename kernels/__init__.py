@@ -1,19 +1,359 @@
-"""refnet.kernels: the small kernel API behind refnet's hot paths.
+r"""refnet.kernels: the small kernel API behind refnet's hot paths.
 
-Installed as ``refnet.kernels`` (the folder is ``kernels/`` in the repository). The NumPy engine
-in :mod:`refnet.kernels.numpy_engine` is the oracle and is always present; accelerated engines
-(Numba on CPU, CuPy on GPU) implement the same functions and are tested against it.
+Installed as ``refnet.kernels`` (the folder is ``kernels/`` in the repository). Three engines
+implement the same functions:
+
+``"numpy"``  :mod:`refnet.kernels.numpy_engine`, the oracle, always present.
+``"numba"``  :mod:`refnet.kernels.numba_engine`, CPU kernels (CSR products, sparse isometry
+             steps, a thread pool for stacked LAPACK calls); imported only when chosen.
+``"cupy"``   :mod:`refnet.kernels.cupy_engine`, GPU (cuBLAS, cuSPARSE, cuSOLVER); imported
+             only when chosen or when the data already are CuPy arrays (``pip install refnet[gpu]``).
+
+Which engine runs a call: the ``engine=`` argument, else :func:`set_engine` /
+:func:`use_engine`, else the ``REFNET_ENGINE`` environment variable, else the automatic choice:
+CuPy when (and only when) the data are CuPy arrays; otherwise Numba where it measurably wins
+(sparse enough masks above the crossovers in ``kernels/_tuning.py``, stacks of SVDs) and NumPy
+everywhere else. Results are arrays of the input's library (NumPy in, NumPy out).
 
 Functions (batches are rows, weights are ``(n_out, n_in)`` as everywhere in refnet):
 
-``masked_matmul(x, W, mask)``
+``masked_matmul(x, W, mask=None)``
     ``x @ (mask * W).T``: the pre-activation of a masked dense layer, ``(B, n_out)``.
-``masked_matmul_t(g, W, mask)``
+``masked_matmul_t(g, W, mask=None)``
     ``g @ (mask * W)``: the input gradient of a masked dense layer, ``(B, n_in)``.
+``batched_matmul(A, B)``, ``batched_matmul_chain(mats)``
+    Stacked products and Jacobian chains ``J^{l-1,l} ... J^{k,k+1}``.
 ``batched_svdvals(A)``
     Singular values of a stack ``(..., m, n)``, in descending order.
+``isometry_step(V, mask, lr, squared=False)``
+    One approximate-isometry gradient step on the kept entries: ``(V_new, residual)``.
+
+Sparse paths cache the mask's structure per mask object: do not modify a mask in place after
+using it (make a new one, as refnet's pruning does), or call :func:`clear_cache`. Results of
+the sparse paths may be Fortran-ordered; values equal the oracle's to rounding.
 """
 
-from .numpy_engine import batched_svdvals, masked_matmul, masked_matmul_t
+from __future__ import annotations
 
-__all__ = ["masked_matmul", "masked_matmul_t", "batched_svdvals"]
+import contextlib
+import importlib
+import importlib.util
+import math
+import os
+import threading
+
+from . import numpy_engine
+from ._structure import cache_info, clear_cache, mask_density
+from ._tuning import ISOMETRY_CROSSOVER, MATMUL_CROSSOVER, MATMUL_T_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK
+
+__all__ = [
+    "ENGINES",
+    "ENV_VAR",
+    "masked_matmul",
+    "masked_matmul_t",
+    "batched_matmul",
+    "batched_matmul_chain",
+    "batched_svdvals",
+    "isometry_step",
+    "set_engine",
+    "use_engine",
+    "get_engine",
+    "available_engines",
+    "resolve_engine",
+    "clear_cache",
+    "cache_info",
+]
+
+#: engine names, in no particular order
+ENGINES = ("numpy", "numba", "cupy")
+#: environment variable read when no engine is set in code
+ENV_VAR = "REFNET_ENGINE"
+
+_EXTRA = {
+    "numba": "pip install numba (a core dependency of refnet; reinstall refnet: pip install refnet)",
+    "cupy": "pip install refnet[gpu] (CuPy for CUDA 12; see https://docs.cupy.dev for other CUDA versions)",
+}
+_PACKAGE = {"numba": "numba", "cupy": "cupy"}
+
+_state_lock = threading.Lock()
+_engine_set: str | None = None  # set_engine()'s choice; None = not set
+
+
+# -------------------------------------------------------------------------------------------
+# engine selection
+# -------------------------------------------------------------------------------------------
+
+
+def _check_name(name, what):
+    if name is None or name == "auto":
+        return None
+    if not isinstance(name, str) or name not in ENGINES:
+        raise ValueError(f"{what} must be one of {ENGINES + ('auto',)} or None, got {name!r}")
+    return name
+
+
+def _load(name: str):
+    """The engine module; an ImportError that names what to install when it is missing."""
+    if name == "numpy":
+        return numpy_engine
+    try:
+        return importlib.import_module(f".{name}_engine", __name__)
+    except ImportError as exc:
+        raise ImportError(f"the {name!r} engine needs {_PACKAGE[name]}, which could not be imported ({exc}): {_EXTRA[name]}") from exc
+
+
+def set_engine(name: str | None) -> None:
+    """Run every kernel on engine ``name`` ("numpy", "numba", "cupy"; "auto" or None: back to
+    the environment variable / automatic choice). An explicit ``engine=`` argument still wins.
+    The engine is imported now, so a missing package fails here, not in the middle of a run."""
+    global _engine_set
+    name = _check_name(name, "name")
+    if name is not None:
+        _load(name)
+    with _state_lock:
+        _engine_set = name
+
+
+@contextlib.contextmanager
+def use_engine(name: str | None):
+    """``with use_engine("numba"): ...``: :func:`set_engine` for the block, restored after."""
+    global _engine_set
+    name = _check_name(name, "name")
+    if name is not None:
+        _load(name)
+    with _state_lock:
+        previous = _engine_set
+        _engine_set = name
+    try:
+        yield name
+    finally:
+        with _state_lock:
+            _engine_set = previous
+
+
+def _env_engine():
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    return _check_name(value, f"the environment variable {ENV_VAR}")
+
+
+def get_engine() -> str:
+    """The engine in force when no ``engine=`` argument is given: the one set in code, else
+    ``REFNET_ENGINE``, else "auto"."""
+    with _state_lock:
+        name = _engine_set
+    if name is None:
+        name = _env_engine()
+    return name or "auto"
+
+
+def available_engines() -> list[str]:
+    """Engines whose package is installed (found without importing it; a CuPy install without
+    a usable GPU is listed but fails when used)."""
+    return ["numpy"] + [n for n in ("numba", "cupy") if importlib.util.find_spec(_PACKAGE[n]) is not None]
+
+
+def _is_cupy(a) -> bool:
+    return a is not None and type(a).__module__.startswith("cupy")
+
+
+_numba_found = False
+
+
+def _numba_ok() -> bool:
+    """Numba installed (found without importing it; a positive answer is remembered)."""
+    global _numba_found
+    if not _numba_found:
+        _numba_found = importlib.util.find_spec("numba") is not None
+    return _numba_found
+
+
+def _float_arrays(*arrays) -> bool:
+    return all(getattr(a, "dtype", None) is not None and a.dtype.kind == "f" and a.dtype.itemsize in (4, 8) for a in arrays)
+
+
+def _sparse_enough(W, mask, crossover) -> bool:
+    import numpy as np
+
+    return (
+        mask is not None
+        and isinstance(mask, np.ndarray)
+        and isinstance(W, np.ndarray)
+        and W.size >= MIN_SPARSE_SIZE
+        and 1.0 - mask_density(mask) >= crossover
+    )
+
+
+def _auto(kernel: str, args) -> str:
+    """The automatic engine for a NumPy call (the benefit of each engine is measured in
+    benchmarks/kernels.py; crossovers in kernels/_tuning.py)."""
+    if not _numba_ok():
+        return "numpy"
+    if kernel in ("masked_matmul", "masked_matmul_t"):
+        x, W, mask = args
+        crossover = MATMUL_CROSSOVER if kernel == "masked_matmul" else MATMUL_T_CROSSOVER
+        big = getattr(x, "shape", (0,))[0] * getattr(W, "size", 0) >= MIN_SPARSE_WORK
+        return "numba" if big and _float_arrays(x, W) and _sparse_enough(W, mask, crossover) else "numpy"
+    if kernel == "isometry_step":
+        V, mask = args
+        return "numba" if _float_arrays(V) and _sparse_enough(V, mask, ISOMETRY_CROSSOVER) else "numpy"
+    if kernel == "batched_svdvals":
+        (A,) = args
+        shape = getattr(A, "shape", ())
+        big = len(shape) >= 3 and min(shape[-2:]) >= 8 and math.prod(shape[:-2]) >= 2
+        return "numba" if big and _cores() >= 2 else "numpy"
+    if kernel == "batched_matmul":
+        return "numpy"
+    return "numpy"
+
+
+def _cores() -> int:
+    from ._threads import usable_cores
+
+    n = usable_cores()
+    env = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    if env.isdigit():
+        n = min(n, int(env))
+    return n
+
+
+def resolve_engine(kernel: str, *arrays, engine: str | None = None) -> str:
+    """The engine name that would run ``kernel`` on these arguments (in the order of the
+    kernel's signature). Rules: ``engine`` > :func:`set_engine` > ``REFNET_ENGINE`` > auto;
+    CuPy arrays need the cupy engine (auto picks it); NumPy arrays run on any engine (the cupy
+    engine copies them to the GPU and back)."""
+    name = _check_name(engine, "engine")
+    if name is None:
+        with _state_lock:
+            name = _engine_set
+    if name is None:
+        name = _env_engine()
+    on_gpu = any(_is_cupy(a) for a in arrays)
+    if name is None:
+        return "cupy" if on_gpu else _auto(kernel, arrays)
+    if on_gpu and name != "cupy":
+        raise TypeError(f"{kernel}: the data are CuPy arrays but the {name!r} engine runs on NumPy arrays; use engine='cupy' (or 'auto'), or move the data with cupy.asnumpy")
+    return name
+
+
+def _engine(kernel, arrays, engine):
+    return _load(resolve_engine(kernel, *arrays, engine=engine))
+
+
+def _masked_call(kernel: str, arrays, engine, method):
+    """Run a masked product. When the engine was chosen automatically and is Numba, its
+    parallel kernel runs on ONE thread: measured on this 2-core machine with the other core
+    busy (one thread / two threads / NumPy BLAS, float64, 90% sparse): N=1024 B=64 1.5 / 8.0 /
+    3.9 ms; N=4096 B=256 95 / 95 / 195 ms; the 784-100x6-10 MLP's forward+backward 1.7 / 40 /
+    1.9 ms. A parallel region waits for its slowest thread, so a second thread on a busy core
+    costs far more than it gains. An explicit engine="numba" keeps NUMBA_NUM_THREADS."""
+    name = resolve_engine(kernel, *arrays, engine=engine)
+    fn = getattr(_load(name), kernel)
+    explicit = engine is not None or _engine_set is not None or _env_engine() is not None
+    if name != "numba" or explicit:
+        return fn(*arrays, method=method)
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return fn(*arrays, method=method)
+    finally:
+        numba.set_num_threads(before)
+
+
+# -------------------------------------------------------------------------------------------
+# the kernels
+# -------------------------------------------------------------------------------------------
+
+
+def _check_2d(a, name):
+    if getattr(a, "ndim", None) != 2:
+        raise ValueError(f"{name} must be a 2-D array, got shape {getattr(a, 'shape', type(a).__name__)}")
+
+
+def _check_matmul(x, W, mask, xname, axis):
+    _check_2d(x, xname)
+    _check_2d(W, "W")
+    if x.shape[1] != W.shape[axis]:
+        want = "(B, n_in)" if axis == 1 else "(B, n_out)"
+        raise ValueError(f"{xname} must have shape {want} = (B, {W.shape[axis]}) for W of shape {W.shape}, got {x.shape}")
+    if mask is not None and tuple(mask.shape) != tuple(W.shape):
+        raise ValueError(f"mask must have W's shape {W.shape}, got {mask.shape}")
+
+
+def masked_matmul(x, W, mask=None, *, engine: str | None = None, method: str = "auto"):
+    r"""``h = x (mask \odot W)^T``.
+
+    Parameters
+    ----------
+    x : array (B, n_in)
+    W : array (n_out, n_in)
+    mask : array (n_out, n_in) or None
+        None: no pruning (the plain product). Boolean (or 0/1) for the sparse paths.
+    engine : {"numpy", "numba", "cupy", "auto"} or None
+    method : {"auto", "dense", "csr"}
+        "dense": BLAS on ``mask * W``; "csr": the engine's sparse kernel (CSR structure cached
+        per mask, values read from ``W`` each call); "auto": the engine's measured choice (the
+        NumPy oracle always takes "dense").
+
+    Returns
+    -------
+    array (B, n_out)
+    """
+    _check_matmul(x, W, mask, "x", 1)
+    return _masked_call("masked_matmul", (x, W, mask), engine, method)
+
+
+def masked_matmul_t(g, W, mask=None, *, engine: str | None = None, method: str = "auto"):
+    r"""``g_x = g (mask \odot W)``: ``g`` is ``(B, n_out)``, the result ``(B, n_in)``.
+    Arguments as in :func:`masked_matmul`."""
+    _check_matmul(g, W, mask, "g", 0)
+    return _masked_call("masked_matmul_t", (g, W, mask), engine, method)
+
+
+def batched_matmul(A, B, *, engine: str | None = None):
+    """``A @ B`` on stacks ``(..., m, k) @ (..., k, n)`` (``np.matmul`` semantics)."""
+    return _engine("batched_matmul", (A, B), engine).batched_matmul(A, B)
+
+
+def batched_matmul_chain(mats, *, engine: str | None = None):
+    """``mats[-1] @ ... @ mats[0]``: the Jacobian chain ``J^{k,l}`` from the stacks
+    ``[J^{k,k+1}, ..., J^{l-1,l}]`` (each ``(B, N_{i+1}, N_i)``); later layers on the left."""
+    mats = list(mats)
+    return _engine("batched_matmul", tuple(mats[:1]), engine).batched_matmul_chain(mats)
+
+
+def batched_svdvals(A, *, engine: str | None = None):
+    """Singular values of every matrix of a stack ``(..., m, n)``: ``(..., min(m, n))``, in
+    descending order (LAPACK gesdd without singular vectors, or the GPU's cuSOLVER)."""
+    return _engine("batched_svdvals", (A,), engine).batched_svdvals(A)
+
+
+def isometry_step(V, mask, lr: float, squared: bool = False, *, engine: str | None = None, method: str = "auto"):
+    r"""One approximate-isometry gradient step on the kept entries of ``V`` (Lee et al. 2020).
+
+    With ``U = mask \odot V`` and ``A = U^T U - I`` (``n_out >= n_in``) or ``U U^T - I``
+    (otherwise: the smaller Gram side), the gradient of ``||A||_F`` is ``2 U A / ||A||_F``
+    (``2 A U / ||A||_F``), of ``||A||_F^2`` (``squared=True``) ``4 U A`` (``4 A U``), taken
+    times the mask.
+
+    Parameters
+    ----------
+    V : array (n_out, n_in)
+    mask : array (n_out, n_in) or None
+    lr : float
+    squared : bool
+    engine, method : as in :func:`masked_matmul` ("csr": the sparse Gram/gradient kernels)
+
+    Returns
+    -------
+    (V_new, residual) : (array (n_out, n_in), float)
+        ``V - lr * mask * grad`` (a new array; pruned entries keep their values) and
+        ``||A||_F`` before the step.
+    """
+    _check_2d(V, "V")
+    if mask is not None and tuple(mask.shape) != tuple(V.shape):
+        raise ValueError(f"mask must have V's shape {V.shape}, got {mask.shape}")
+    return _engine("isometry_step", (V, mask), engine).isometry_step(V, mask, lr, squared, method=method)
