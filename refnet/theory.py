@@ -577,6 +577,14 @@ def fixed_point_q(
     )
 
 
+def _setup(sigma_w2, sigma_b2, activation, q, n_quad):
+    """Validated ``(sigma_w2, sigma_b2, activation, n_quad, q)``, q defaulting to q*."""
+    sw2, sb2 = _check_variances(sigma_w2, sigma_b2)
+    act = _activation(activation)
+    n = _check_n_quad(n_quad)
+    return sw2, sb2, act, n, _resolve_q(q, sw2, sb2, act, n)
+
+
 def _resolve_q(q, sw2, sb2, act, n):
     if q is None:
         return fixed_point_q(sw2, sb2, act.name, n_quad=n)
@@ -608,10 +616,7 @@ def chi_1(sigma_w2, sigma_b2, activation, *, q=None, n_quad=_DEFAULT_N_QUAD):
     -------
     float
     """
-    sw2, sb2 = _check_variances(sigma_w2, sigma_b2)
-    act = _activation(activation)
-    n = _check_n_quad(n_quad)
-    qv = _resolve_q(q, sw2, sb2, act, n)
+    sw2, sb2, act, n, qv = _setup(sigma_w2, sigma_b2, activation, q, n_quad)
     return sw2 * _e_dphi2(act, qv, n)
 
 
@@ -641,10 +646,7 @@ def chi_q(sigma_w2, sigma_b2, activation, *, q=None, n_quad=_DEFAULT_N_QUAD):
     -------
     float
     """
-    sw2, sb2 = _check_variances(sigma_w2, sigma_b2)
-    act = _activation(activation)
-    n = _check_n_quad(n_quad)
-    qv = _resolve_q(q, sw2, sb2, act, n)
+    sw2, sb2, act, n, qv = _setup(sigma_w2, sigma_b2, activation, q, n_quad)
     return sw2 * (_e_dphi2(act, qv, n) + _e_phi_ddphi(act, qv, n))
 
 
