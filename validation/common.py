@@ -26,7 +26,7 @@ import numpy as np
 
 from refnet._io import atomic_savefig, atomic_write_text
 
-__all__ = ["Check", "Run", "parse_args", "atomic_savefig", "atomic_write_text", "fmt", "load_data", "new_figure", "new_figure_row"]
+__all__ = ["Check", "Run", "parse_args", "atomic_savefig", "atomic_write_text", "fmt", "load_data", "new_figure", "new_figure_row", "train_record"]
 
 
 def _jsonable(obj):
@@ -111,6 +111,33 @@ def parse_args(name: str, description: str, argv=None, add_arguments: Callable |
         os.environ["REFNET_ENGINE"] = args.engine
     args.mode = "tiny" if args.tiny else ("quick" if args.quick else "full")
     return args
+
+
+def train_record(net, data, *, steps: int, eval_every: int, seed: int, progress=False, **train_kwargs) -> dict:
+    """Train ``net`` in place with :func:`refnet.train` on ``data = (X, y, X_test, y_test)`` and
+    return a JSON-able record of the run. A diverged run is a finding, not an error: it is
+    recorded with ``status="diverged"`` and the error message."""
+    import refnet
+
+    X, y, Xt, yt = data
+    out = {"steps": steps, "eval_every": eval_every}
+    try:
+        hist = refnet.train(net, X, y, steps=steps, seed=seed, X_test=Xt, y_test=yt, eval_every=eval_every,
+                            train_eval_size=0, progress=bool(progress), **train_kwargs)
+    except FloatingPointError as exc:
+        out.update(status="diverged", error=str(exc), best_test_error=None)
+        return out
+    out.update(
+        status=hist.status,
+        best_test_error=hist.best_test_error,
+        best_test_step=hist.best_test_step,
+        final_test_error=hist.final_test_error,
+        checkpoints=list(hist.steps),
+        test_error=[None if a is None else 1.0 - a for a in hist.test_acc],
+        train_loss=list(hist.train_loss),
+        seconds=hist.wall_time,
+    )
+    return out
 
 
 def load_data(args, split: str, flatten: bool = True):

@@ -51,7 +51,7 @@ import numpy as np
 import refnet
 from refnet import pruning, spectrum
 
-from .common import Run, atomic_savefig, fmt, load_data, new_figure_row, parse_args
+from .common import Run, atomic_savefig, fmt, load_data, new_figure_row, parse_args, train_record
 
 NAME = "sg_gamma"
 TITLE = "SPP table: SG(gamma) initialisation, Jacobian singular values, CS layer sparsity and error (tanh MLP-7, 90% sparse)"
@@ -187,29 +187,12 @@ def _prune_and_measure(cfg, data, gamma: float, seed: int) -> dict:
 
 def _train_one(cfg, data, gamma: float, seed: int, progress) -> dict:
     """One gamma: rebuild the same net and mask, train, best test error over the checkpoints."""
-    X, y, Xt, yt = data
+    X, y = data[0], data[1]
     net = _build(cfg, gamma, seed)
     masks, _ = _cs_masks(net, X, y)
     net = net.with_masks(masks)
-    out = {"steps": cfg["steps"], "eval_every": cfg["eval_every"]}
-    try:
-        hist = refnet.train(net, X, y, steps=cfg["steps"], lr=LR, batch_size=BATCH, weight_decay=WEIGHT_DECAY,
-                            seed=seed, X_test=Xt, y_test=yt, eval_every=cfg["eval_every"], train_eval_size=0,
-                            progress=bool(progress))
-    except FloatingPointError as exc:  # a diverged run is a finding, reported as such
-        out.update(status="diverged", error=str(exc), best_test_error=None)
-        return out
-    out.update(
-        status=hist.status,
-        best_test_error=hist.best_test_error,
-        best_test_step=hist.best_test_step,
-        final_test_error=hist.final_test_error,
-        checkpoints=list(hist.steps),
-        test_error=[None if a is None else 1.0 - a for a in hist.test_acc],
-        train_loss=list(hist.train_loss),
-        seconds=hist.wall_time,
-    )
-    return out
+    return train_record(net, data, steps=cfg["steps"], eval_every=cfg["eval_every"], seed=seed, progress=progress,
+                        lr=LR, batch_size=BATCH, weight_decay=WEIGHT_DECAY)
 
 
 def _cs_examples_trend(cfg, data, gamma: float, seed: int) -> dict:

@@ -62,7 +62,7 @@ import refnet
 from refnet import pruning
 from refnet.losses import cross_entropy, log_softmax, softmax
 
-from .common import Run, atomic_savefig, load_data, new_figure_row, parse_args
+from .common import Run, atomic_savefig, load_data, new_figure_row, parse_args, train_record
 
 NAME = "unsupervised"
 TITLE = "SPP table: unsupervised pruning (GT, Pred.(raw), Pred.(softmax), Unif.) of tanh MLPs, K = 3, 5, 7, 90% sparse"
@@ -252,28 +252,12 @@ def _mask_unit(cfg, data, K: int, seed: int) -> dict:
 
 
 def _train_unit(cfg, data, K: int, key: str, seed: int, progress) -> dict:
-    X, y, Xt, yt = data
+    X, y = data[0], data[1]
     net = _build(cfg, K, seed)
     masks, _ = _cs_mask(net, X, y, SPEC[key].loss)
     net = net.with_masks(masks)
-    out = {"steps": cfg["steps"], "eval_every": cfg["eval_every"]}
-    try:
-        hist = refnet.train(net, X, y, steps=cfg["steps"], lr=LR, batch_size=BATCH, weight_decay=WEIGHT_DECAY,
-                            seed=seed, X_test=Xt, y_test=yt, eval_every=cfg["eval_every"], train_eval_size=0,
-                            progress=bool(progress))
-    except FloatingPointError as exc:  # a diverged run is a finding, reported as such
-        out.update(status="diverged", error=str(exc), best_test_error=None)
-        return out
-    out.update(
-        status=hist.status,
-        best_test_error=hist.best_test_error,
-        best_test_step=hist.best_test_step,
-        final_test_error=hist.final_test_error,
-        checkpoints=list(hist.steps),
-        test_error=[None if a is None else 1.0 - a for a in hist.test_acc],
-        seconds=hist.wall_time,
-    )
-    return out
+    return train_record(net, data, steps=cfg["steps"], eval_every=cfg["eval_every"], seed=seed, progress=progress,
+                        lr=LR, batch_size=BATCH, weight_decay=WEIGHT_DECAY)
 
 
 # ============================================================================================
