@@ -20,7 +20,7 @@ from refnet import kernels
 from refnet.jacobians import jacobian
 
 from .common import print_table
-from .kernels import _jax, _time, _torch
+from .kernels import _jax, _time, _torch, pin_one_core
 
 CASES = {
     "K=7 width-100 tanh MLP 100->100, 100 examples": ([100] * 8, 100),
@@ -63,6 +63,7 @@ def _jax_fns(jax, params):
 
 
 def run(quick: bool = False) -> list[dict]:
+    pin_one_core()  # one thread asked for: one core for everyone (see benchmarks/kernels.py)
     torch = _torch()
     jax = _jax()
     rows = []

@@ -43,6 +43,16 @@ def _threads() -> int:
     return int(v) if v and v.isdigit() else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
+def pin_one_core() -> None:
+    """With one thread asked for (OMP_NUM_THREADS=1), keep the whole process on one core:
+    jaxlib 0.10 does not honour XLA's one-thread flags fully (its Jacobian benchmark ran 1.7x
+    faster unpinned than under ``taskset -c 0``), so without the pin its "one-thread" figures
+    would borrow the second core."""
+    if _threads() == 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[0]})
+
+
 def _torch():
     try:
         import torch
@@ -373,6 +383,7 @@ def probe_cores(n=2048, repeat=7) -> dict:
 
 
 def run(quick: bool = False) -> list[dict]:
+    pin_one_core()
     rows = []
     rows += bench_masked_matmul(quick)
     rows += bench_masked_matmul(quick, transpose=True)
@@ -390,7 +401,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", choices=["matmul", "matmul_t", "svdvals", "batched_matmul", "isometry"], help="run only these cases")
     ap.add_argument("--out", default=None, help="JSON file to write")
     args = ap.parse_args(argv)
+    if not args.probe:
+        pin_one_core()
     info = blas_info()
+    info["affinity"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print("environment:", {k: v for k, v in info.items() if k != "threadpools"})
     if info.get("threadpools"):
         print("threadpools:", info["threadpools"])

@@ -57,6 +57,11 @@ MIN_SPARSE_WORK = 500_000
 #: values first (random reads of W inside the kernel stall it when they are far apart)
 GATHER_DENSITY = 0.05
 
+#: batched_matmul: split a stack over the thread pool from this many multiply-adds on
+#: (100 x 100 @ 100 x 100 stacks of 100, two free cores: 2.8 ms pooled vs 5.0 ms np.matmul,
+#: whose OpenBLAS threads gain nothing on 100 x 100 products)
+MIN_THREADED_WORK = 4_000_000
+
 #: batched_svdvals: use the thread pool when the stack has at least this many matrices and
 #: each is at least this large (min side); smaller problems are dominated by thread overheads
 SVD_MIN_STACK = 2

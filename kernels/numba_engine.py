@@ -23,7 +23,10 @@ isometry_step (sparse Gram and masked gradient, ``d`` = density, ``n`` the small
     ``A`` at a time (upper triangle, ``d^2 n^3 / 2`` flops instead of ``n^3``), then the
     gradient only at the mask's entries: ``(U A)_{ij} = sum_{k in row i} U_{ik} A_{jk}``
     (``A`` symmetric), ``d^2 n^3`` flops instead of ``2 n^3``, tiled over rows of ``A`` so
-    the rows being read stay in L2.
+    the rows being read stay in L2. No BLAS call inside a step (``||A||_F`` is summed in the
+    mirror pass): OpenBLAS worker threads left spinning after a BLAS call took the cores the
+    next Numba region needed (N=1024, 90%, two threads: 28 ms per step with ``np.vdot``, 9 ms
+    without; one thread 17 ms).
 batched_svdvals
     ``np.linalg.svd(compute_uv=False)`` (LAPACK gesdd) on chunks of the stack, one chunk per
     thread, BLAS pinned to one thread meanwhile (see ``_threads.py``). Numba's own
@@ -31,7 +34,9 @@ batched_svdvals
     parallelism gains, so LAPACK is called through NumPy (which releases the GIL).
 batched_matmul
     NumPy's ``matmul`` (one BLAS gemm per matrix) on chunks of the stack in the same pool: a
-    Numba triple loop loses to BLAS per matrix, measured in ``benchmarks/kernels.py``.
+    Numba triple loop loses to BLAS per matrix (2.0x slower than ``np.matmul`` on 100 stacked
+    100 x 100 products, one thread), so there is no Numba kernel; the pool gives 1.8x on two
+    free cores (``benchmarks/kernels.py``).
 """
 
 from __future__ import annotations
@@ -156,23 +161,32 @@ def _gram_row(j, vals, indptr, indices, cptr, cidx, cperm, acc):  # pragma: no c
 
 @njit(parallel=True, cache=True)
 def _gram_minus_identity(vals, indptr, indices, cptr, cidx, cperm, A):  # pragma: no cover - compiled
-    """A = U^T U - I for a sparse U (CSR vals/indptr/indices, CSC twin cptr/cidx/cperm)."""
+    """A = U^T U - I for a sparse U (CSR vals/indptr/indices, CSC twin cptr/cidx/cperm);
+    returns ||A||_F^2 (summed in float64 here rather than by a BLAS dot, whose worker threads
+    would then spin on the cores the next Numba region needs)."""
     n = A.shape[0]
     for t in prange(n):
         # zig-zag order: row j costs ~ (n - j), so pair cheap and dear rows in each chunk
         j = t // 2 if t % 2 == 0 else n - 1 - t // 2
         _gram_row(j, vals, indptr, indices, cptr, cidx, cperm, A[j])
     nb = (n + 31) // 32
-    for bj in prange(nb):  # mirror the upper triangle in 32 x 32 blocks
+    total = 0.0
+    for bj in prange(nb):  # mirror the upper triangle in 32 x 32 blocks, subtract I, sum squares
         j0 = bj * 32
         j1 = min(n, j0 + 32)
+        part = 0.0
         for bk in range(bj + 1):
             k0 = bk * 32
             for j in range(j0, j1):
                 for k in range(k0, min(j, k0 + 32)):
-                    A[j, k] = A[k, j]
+                    a = A[k, j]
+                    A[j, k] = a
+                    part += 2.0 * float(a) * float(a)
         for j in range(j0, j1):
             A[j, j] -= 1
+            part += float(A[j, j]) * float(A[j, j])
+        total += part
+    return total
 
 
 @njit(cache=True, fastmath=_FM)
@@ -380,14 +394,7 @@ def isometry_step(V, mask, lr: float, squared: bool = False, *, method: str = "a
         u = (vals, cptr, cidx, s.indptr, s.indices, iperm)
     n = min(n_out, n_in)
     A = _workspace((n, n), dt)  # the Gram residual, internal to this call
-    if n:
-        _gram_minus_identity(*u, A)
-    if n == 0:
-        res = 0.0
-    elif dt == np.float64:
-        res = float(np.sqrt(np.vdot(A, A)))  # BLAS dot, no temporary
-    else:  # float32: pairwise summation (a float32 dot over n^2 terms loses digits)
-        res = float(np.linalg.norm(A))
+    res = float(np.sqrt(_gram_minus_identity(*u, A))) if n else 0.0
     scale = 4.0 if squared else (2.0 / res if res > 0 else 0.0)
     out = Vc.copy()
     if s.nnz == 0 or scale == 0.0:

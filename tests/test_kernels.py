@@ -426,13 +426,16 @@ def test_auto_choices_for_other_kernels(monkeypatch):
     monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
     assert kernels.resolve_engine("batched_svdvals", A) == "numpy"  # one thread: nothing to gain
     assert kernels.resolve_engine("batched_svdvals", np.zeros((1, 20, 20))) == "numpy"
-    assert kernels.resolve_engine("batched_matmul", A, A) == "numpy"
+    assert kernels.resolve_engine("batched_matmul", A, A) == "numpy"  # one thread
     expect = "numba" if HAVE_NUMBA else "numpy"
     assert kernels.resolve_engine("isometry_step", W, mask) == expect
     assert kernels.resolve_engine("isometry_step", W, np.ones_like(mask)) == "numpy"
     monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
     if _threads.usable_cores() >= 2:
         assert kernels.resolve_engine("batched_svdvals", A) == expect
+        big = np.zeros((100, 100, 100))
+        assert kernels.resolve_engine("batched_matmul", big, big) == expect
+        assert kernels.resolve_engine("batched_matmul", A[:, :4, :4], A[:, :4, :4]) == "numpy"  # too small
 
 
 def test_missing_cupy_names_the_extra(monkeypatch):
