@@ -23,6 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without CuPy
     raise ImportError(f"the 'cupy' engine needs CuPy, which could not be imported ({exc}): pip install refnet[gpu]") from exc
 
 from ._structure import cached
+from .numpy_engine import _check_method  # one list of methods for every engine
 
 __all__ = [
     "masked_matmul",
@@ -33,12 +34,6 @@ __all__ = [
     "isometry_step",
 ]
 
-METHODS = ("auto", "dense", "csr")
-
-
-def _check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def _on_host(*arrays) -> bool:

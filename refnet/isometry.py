@@ -744,6 +744,21 @@ def _top_units(scores: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[:k])
 
 
+def _slice_units(p: dict, m: dict, rows, in_idx, bias: bool) -> tuple[dict, dict]:
+    """Copies of a layer's params and masks keeping output units ``rows`` and inputs ``in_idx``
+    (None: all) of ``W`` (axis 0 and 1; dense or conv) and ``rows`` of ``b``."""
+    W, MW = p["W"], m["W"]
+    if rows is not None:
+        W, MW = W[rows], MW[rows]
+    if in_idx is not None:
+        W, MW = W[:, in_idx], MW[:, in_idx]
+    params, masks = {"W": W.copy()}, {"W": MW.copy()}
+    if bias:
+        params["b"] = (p["b"] if rows is None else p["b"][rows]).copy()
+        masks["b"] = (m["b"] if rows is None else m["b"][rows]).copy()
+    return params, masks
+
+
 def l1_neuron_prune(net: Network, keep, *, layers=None) -> Network:
     r"""Structured L1-norm pruning ([DI]) that physically removes units.
 
@@ -816,15 +831,8 @@ def l1_neuron_prune(net: Network, keep, *, layers=None) -> Network:
                     )
                 in_idx = ids
             rows = kept_out.get(i)
-            W, MW = p["W"], m["W"]
-            if rows is not None:
-                W, MW = W[rows], MW[rows]
-            if in_idx is not None:
-                W, MW = W[:, in_idx], MW[:, in_idx]
-            np_, nm = {"W": W.copy()}, {"W": MW.copy()}
-            if layer.bias:
-                np_["b"] = (p["b"] if rows is None else p["b"][rows]).copy()
-                nm["b"] = (m["b"] if rows is None else m["b"][rows]).copy()
+            np_, nm = _slice_units(p, m, rows, in_idx, layer.bias)
+            W = np_["W"]
             new_layers.append(dataclasses.replace(layer, n_in=W.shape[1], n_out=W.shape[0]))
             params.append(np_)
             masks.append(nm)
@@ -837,15 +845,8 @@ def l1_neuron_prune(net: Network, keep, *, layers=None) -> Network:
                     raise NotImplementedError(f"layer {i}: Conv2d after a flat representation is not supported")
                 in_idx = ids
             rows = kept_out.get(i)
-            W, MW = p["W"], m["W"]
-            if rows is not None:
-                W, MW = W[rows], MW[rows]
-            if in_idx is not None:
-                W, MW = W[:, in_idx], MW[:, in_idx]
-            np_, nm = {"W": W.copy()}, {"W": MW.copy()}
-            if layer.bias:
-                np_["b"] = (p["b"] if rows is None else p["b"][rows]).copy()
-                nm["b"] = (m["b"] if rows is None else m["b"][rows]).copy()
+            np_, nm = _slice_units(p, m, rows, in_idx, layer.bias)
+            W = np_["W"]
             new_layers.append(dataclasses.replace(layer, c_in=W.shape[1], c_out=W.shape[0]))
             params.append(np_)
             masks.append(nm)
