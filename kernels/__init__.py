@@ -44,7 +44,7 @@ import threading
 
 from . import numpy_engine
 from ._structure import cache_info, clear_cache, mask_density
-from ._tuning import ISOMETRY_CROSSOVER, MATMUL_CROSSOVER, MATMUL_T_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK, MIN_THREADED_WORK
+from ._tuning import ISOMETRY_CROSSOVER, MATMUL_CROSSOVER, MATMUL_T_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK, MIN_THREADED_ISOMETRY, MIN_THREADED_WORK
 
 __all__ = [
     "ENGINES",
@@ -246,24 +246,25 @@ def _engine(kernel, arrays, engine):
     return _load(resolve_engine(kernel, *arrays, engine=engine))
 
 
-def _masked_call(kernel: str, arrays, engine, method):
-    """Run a masked product. When the engine was chosen automatically and is Numba, its
-    parallel kernel runs on ONE thread: measured on this 2-core machine with the other core
-    busy (one thread / two threads / NumPy BLAS, float64, 90% sparse): N=1024 B=64 1.5 / 8.0 /
-    3.9 ms; N=4096 B=256 95 / 95 / 195 ms; the 784-100x6-10 MLP's forward+backward 1.7 / 40 /
-    1.9 ms. A parallel region waits for its slowest thread, so a second thread on a busy core
-    costs far more than it gains. An explicit engine="numba" keeps NUMBA_NUM_THREADS."""
+def _masked_call(kernel: str, arrays, engine, method, *args, one_thread=True):
+    """Run a masked kernel. When the engine was chosen automatically and is Numba, and
+    ``one_thread``, its parallel kernel runs on ONE thread: measured on this 2-core machine with
+    the other core busy (one thread / two threads / NumPy BLAS, float64, 90% sparse): N=1024
+    B=64 1.5 / 8.0 / 3.9 ms; N=4096 B=256 95 / 95 / 195 ms; the 784-100x6-10 MLP's
+    forward+backward 1.7 / 40 / 1.9 ms. A parallel region waits for its slowest thread, so a
+    second thread on a busy core costs far more than it gains on small work. An explicit
+    engine="numba" keeps NUMBA_NUM_THREADS."""
     name = resolve_engine(kernel, *arrays, engine=engine)
     fn = getattr(_load(name), kernel)
     explicit = engine is not None or _engine_set is not None or _env_engine() is not None
-    if name != "numba" or explicit:
-        return fn(*arrays, method=method)
+    if name != "numba" or explicit or not one_thread:
+        return fn(*arrays, *args, method=method)
     import numba
 
     before = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        return fn(*arrays, method=method)
+        return fn(*arrays, *args, method=method)
     finally:
         numba.set_num_threads(before)
 
@@ -361,4 +362,6 @@ def isometry_step(V, mask, lr: float, squared: bool = False, *, engine: str | No
     _check_2d(V, "V")
     if mask is not None and tuple(mask.shape) != tuple(V.shape):
         raise ValueError(f"mask must have V's shape {V.shape}, got {mask.shape}")
-    return _engine("isometry_step", (V, mask), engine).isometry_step(V, mask, lr, squared, method=method)
+    # automatic Numba: one thread below MIN_THREADED_ISOMETRY entries (the many small parallel
+    # regions of a step stall on a busy second core), the Numba thread count above
+    return _masked_call("isometry_step", (V, mask), engine, method, lr, squared, one_thread=V.size < MIN_THREADED_ISOMETRY)

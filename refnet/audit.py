@@ -60,6 +60,7 @@ from math import prod
 
 import numpy as np
 
+from . import kernels
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d, layer_from_dict
 from ._io import atomic_savez, atomic_write, atomic_write_text
 from .jacobians import jacobian
@@ -575,7 +576,7 @@ def _reference(net: Network, x, y, loss_name: str, sparsity: float, want_jac: bo
     jac = sv = stats = None
     if want_jac:
         jac = jacobian(net, x)  # (B, n_out, n_in)
-        sv = np.linalg.svd(jac, compute_uv=False)  # (B, r), descending
+        sv = kernels.batched_svdvals(jac)  # (B, r), descending
         stats = _stats(sv)
     return _Ref(net, x, y, loss_name, out, float(value), grads, acts, jac, scores, masks, sv, stats, k, t)
 
@@ -2382,7 +2383,7 @@ def compare_npz(path, *, rtol=DEFAULT_RTOL, rtol_as_run=None, sparsity=None, jac
         J = _npz_float(data["jacobian"], "jacobian", path, (B, n_out, n_in))
         run.jac = J
         tol_of("jacobian", J)
-        run.sv = np.linalg.svd(np.asarray(J, dtype=np.float64), compute_uv=False)
+        run.sv = kernels.batched_svdvals(np.asarray(J, dtype=np.float64))
     if any(k.startswith("cs_scores/") for k in data):
         run.scores = []
         for i, ps in enumerate(pshapes):

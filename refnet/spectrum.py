@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 
+from . import kernels
 from ._checks import check_float, check_int
 from ._io import atomic_write_text
 from .jacobians import _check_net, _check_range, jacobian
@@ -89,7 +90,7 @@ def _svdvals(J: np.ndarray, zero_rtol, what: str) -> np.ndarray:
     rtol = _zero_rtol(zero_rtol, J.shape[1:], J.dtype)
     if 0 in J.shape:
         return np.zeros((J.shape[0], min(J.shape[1:])), dtype=np.float64)
-    s = np.linalg.svd(J, compute_uv=False).astype(np.float64, copy=False)  # (B, r), descending
+    s = kernels.batched_svdvals(J).astype(np.float64, copy=False)  # (B, r), descending (LAPACK gesdd; a thread per core)
     s[s <= rtol * s[:, :1]] = 0.0  # numerically zero (also: the whole row when sigma_max == 0)
     return s
 

@@ -146,6 +146,61 @@ def test_ai_unsquared_objective_decreases():
     assert rep["objective_after"] == pytest.approx(sum(iso.isometry_residuals(new)), rel=1e-12)
 
 
+def scratch_descent(Ws, Ms, steps, lr, squared, gram):
+    """Plain GD on sum_l ||A_l||_F (or squares), written from the formulas (no refnet code)."""
+    out = []
+    for W, M in zip(Ws, Ms):
+        V = W * M
+        n_out, n_in = V.shape
+        side = gram if gram != "smaller" else ("row" if n_out <= n_in else "column")
+        for _ in range(steps):
+            A = V @ V.T - np.eye(n_out) if side == "row" else V.T @ V - np.eye(n_in)
+            n = np.sqrt(np.sum(A * A))
+            G = A @ V if side == "row" else V @ A
+            V = V - lr * (4.0 if squared else 2.0 / n) * G * M
+        out.append(V)
+    return out
+
+
+@pytest.mark.parametrize("gram", ["smaller", "row", "column"])
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("engine, sparse", [("numpy", False), ("numpy", True), ("numba", True), ("numba", False), (None, None)])
+def test_ai_engines_follow_the_descent_from_scratch(engine, sparse, gram, squared):
+    # tall (30 x 20), square (30 x 30) and wide (12 x 30) layers, 85% pruned; 8 steps (long
+    # unsquared runs are chaotic: 1e-16 differences grow to 1e-1 within 300 steps)
+    rng = np.random.default_rng(11)
+    net = rn.mlp([20, 30, 30, 12], activation="tanh", init="orthogonal", seed=4)
+    net = net.with_masks([{"W": rng.random(p["W"].shape) < 0.15} for p in net.params])
+    lr = 0.02 if squared else 0.1
+    new, rep = iso.approximate_isometry(net, steps=8, lr=lr, squared=squared, gram=gram, tol=0,
+                                        engine=engine, sparse=sparse, return_report=True)
+    want = scratch_descent([p["W"] for p in net.params], [m["W"] for m in net.masks], 8, lr, squared, gram)
+    for p, m, V in zip(new.params, net.masks, want):
+        np.testing.assert_allclose(p["W"] * m["W"], V, rtol=0, atol=1e-13)
+    f_want = [objective(V, m["W"], False, gram) for V, m in zip(want, net.masks)]
+    np.testing.assert_allclose([r["residual_after"] for r in rep["layers"]], f_want, rtol=1e-12)
+
+
+def test_ai_runs_the_kernel_step_on_the_smaller_side(monkeypatch):
+    from refnet import kernels
+
+    calls = []
+    real = kernels.isometry_step
+
+    def spy(V, mask, lr, squared=False, **kw):
+        calls.append((V.shape, kw.get("engine"), kw.get("method")))
+        return real(V, mask, lr, squared, **kw)
+
+    monkeypatch.setattr(kernels, "isometry_step", spy)
+    net = rn.mlp([20, 30, 12], init="lecun", seed=0)  # a tall and a wide layer
+    iso.approximate_isometry(net, steps=3, tol=0, engine="numba", sparse=True)
+    assert sorted(set(calls)) == [((12, 30), "numba", "csr"), ((30, 20), "numba", "csr")]
+    assert len(calls) == 2 * 3  # steps 1-3 take a kernel step each; after step 3 only the residual
+    calls.clear()
+    iso.approximate_isometry(net, steps=3, tol=0, gram="row")  # the tall layer's larger Gram: NumPy products
+    assert {c[0] for c in calls} == {(12, 30)}
+
+
 def test_ai_keeps_pruned_entries_biases_masks_and_input():
     rng = np.random.default_rng(5)
     net = rn.mlp([12, 9, 9, 3], activation="tanh", init="orthogonal", seed=5)
