@@ -92,14 +92,22 @@ def _check_name(name, what):
     return name
 
 
+_loaded = {"numpy": numpy_engine}
+
+
 def _load(name: str):
-    """The engine module; an ImportError that names what to install when it is missing."""
-    if name == "numpy":
-        return numpy_engine
+    """The engine module; an ImportError that names what to install when it is missing.
+    Loaded modules are remembered (``importlib.import_module`` of a relative name costs ~23 us,
+    as much as a whole small masked product)."""
+    module = _loaded.get(name)
+    if module is not None:
+        return module
     try:
-        return importlib.import_module(f".{name}_engine", __name__)
+        module = importlib.import_module(f".{name}_engine", __name__)
     except ImportError as exc:
         raise ImportError(f"the {name!r} engine needs {_PACKAGE[name]}, which could not be imported ({exc}): {_EXTRA[name]}") from exc
+    _loaded[name] = module
+    return module
 
 
 def set_engine(name: str | None) -> None:
@@ -248,25 +256,23 @@ def _engine(kernel, arrays, engine):
 
 def _masked_call(kernel: str, arrays, engine, method, *args, one_thread=True):
     """Run a masked kernel. When the engine was chosen automatically and is Numba, and
-    ``one_thread``, its parallel kernel runs on ONE thread: measured on this 2-core machine with
+    ``one_thread``, it runs its serial kernels (one thread): measured on this 2-core machine with
     the other core busy (one thread / two threads / NumPy BLAS, float64, 90% sparse): N=1024
     B=64 1.5 / 8.0 / 3.9 ms; N=4096 B=256 95 / 95 / 195 ms; the 784-100x6-10 MLP's
     forward+backward 1.7 / 40 / 1.9 ms. A parallel region waits for its slowest thread, so a
     second thread on a busy core costs far more than it gains on small work. An explicit
     engine="numba" keeps NUMBA_NUM_THREADS."""
-    name = resolve_engine(kernel, *arrays, engine=engine)
+    chosen = _check_name(engine, "engine")
+    if chosen is None:
+        with _state_lock:
+            chosen = _engine_set
+    if chosen is None:
+        chosen = _env_engine()
+    name = resolve_engine(kernel, *arrays, engine=chosen)
     fn = getattr(_load(name), kernel)
-    explicit = engine is not None or _engine_set is not None or _env_engine() is not None
-    if name != "numba" or explicit or not one_thread:
+    if name != "numba" or chosen is not None or not one_thread:
         return fn(*arrays, *args, method=method)
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        return fn(*arrays, *args, method=method)
-    finally:
-        numba.set_num_threads(before)
+    return fn(*arrays, *args, method=method, threads=1)  # the serial kernels
 
 
 # -------------------------------------------------------------------------------------------

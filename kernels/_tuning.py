@@ -60,8 +60,10 @@ MIN_SPARSE_SIZE = 64 * 64
 MIN_SPARSE_WORK = 500_000
 
 #: in the CSR forward kernel, read W inside the kernel above this density; below it gather the
-#: values first (random reads of W inside the kernel stall it when they are far apart)
-GATHER_DENSITY = 0.05
+#: values first (random reads of W inside the kernel stall it when they are far apart). One
+#: thread, fused / gather+product ms, float64, N=4096 B=256: density 0.2 101 / 110, 0.1 59 / 59,
+#: 0.05 43 / 33, 0.03 29 / 20, 0.01 11.2 / 7.0 (N=1024: equal within 10% at every density)
+GATHER_DENSITY = 0.07
 
 #: batched_matmul: split a stack over the thread pool from this many multiply-adds on
 #: (100 x 100 @ 100 x 100 stacks of 100, two free cores: 2.8 ms pooled vs 5.0 ms np.matmul,

@@ -147,6 +147,43 @@ def test_numba_csr_larger_and_mixed_dtypes(dtype, sparsity):
     _close(got, numpy_engine.masked_matmul_t(g, W, mask), np.abs(g) @ np.abs(W * mask).astype(np.float64), TOL[np.dtype(dtype)], "bwd")
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("sparsity", [0.8, 0.97])
+def test_numba_serial_twins_and_parallel_kernels_match_the_oracle(threads, sparsity, monkeypatch):
+    """threads=1 runs the serial twins of the parallel kernels (what the automatic engine
+    uses); threads=2 the parallel ones on two Numba threads. Row lengths 0..9 cover every
+    remainder of the four-entries-per-pass loop; B = 19 the transposition's remainder rows."""
+    import numba
+
+    from refnet.kernels import numba_engine
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        rng = np.random.default_rng(21)
+        W = rng.standard_normal((96, 80))
+        mask = rng.random(W.shape) >= sparsity
+        mask[:10] = False
+        for i in range(10):  # rows with 0..9 kept entries
+            mask[i, rng.choice(80, i, replace=False)] = True
+        x = rng.standard_normal((19, 80))
+        g = rng.standard_normal((19, 96))
+        kw = {"method": "csr", "threads": threads}
+        _close(numba_engine.masked_matmul(x, W, mask, **kw), x @ (W * mask).T, np.abs(x) @ np.abs(W * mask).T, TOL[np.dtype(np.float64)], "fwd")
+        _close(numba_engine.masked_matmul_t(g, W, mask, **kw), g @ (W * mask), np.abs(g) @ np.abs(W * mask), TOL[np.dtype(np.float64)], "bwd")
+        for V in (W, W.T.copy()):  # tall and wide
+            M = mask if V is W else mask.T.copy()
+            got, res = numba_engine.isometry_step(V, M, 0.05, **kw)
+            want, res_want = numpy_engine.isometry_step(V, M, 0.05)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * np.abs(want).max())
+            assert res == pytest.approx(res_want, rel=1e-13)
+    finally:
+        numba.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be None or an int >= 1"):
+        numba_engine.masked_matmul(x, W, mask, method="csr", threads=0)
+
+
 @pytest.mark.parametrize("engine", CPU_ENGINES)
 def test_sparse_paths_read_current_weights(engine):
     """The mask's structure is cached, the weights are not: W changing in place between calls
@@ -441,6 +478,7 @@ def test_auto_choices_for_other_kernels(monkeypatch):
 def test_missing_cupy_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError, even where installed
     monkeypatch.delitem(sys.modules, "refnet.kernels.cupy_engine", raising=False)
+    monkeypatch.setattr(kernels, "_loaded", {"numpy": kernels.numpy_engine})  # as in a fresh process
     x, W, mask = _sparse_case()
     with pytest.raises(ImportError, match=r"pip install refnet\[gpu\]"):
         kernels.set_engine("cupy")
@@ -455,6 +493,7 @@ def test_missing_cupy_names_the_extra(monkeypatch):
 def test_missing_numba_names_it_and_auto_falls_back(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)
     monkeypatch.delitem(sys.modules, "refnet.kernels.numba_engine", raising=False)
+    monkeypatch.setattr(kernels, "_loaded", {"numpy": kernels.numpy_engine})  # as in a fresh process
     monkeypatch.setattr(kernels, "_numba_found", False)
     x, W, mask = _sparse_case()
     with pytest.raises(ImportError, match="pip install numba"):
