@@ -12,8 +12,9 @@ implement the same functions:
 Which engine runs a call: the ``engine=`` argument, else :func:`set_engine` /
 :func:`use_engine`, else the ``REFNET_ENGINE`` environment variable, else the automatic choice:
 CuPy when (and only when) the data are CuPy arrays; otherwise Numba where it measurably wins
-(sparse enough masks above the crossovers in ``kernels/_tuning.py``, stacks of SVDs) and NumPy
-everywhere else. Results are arrays of the input's library (NumPy in, NumPy out).
+(large masked products: the CSR kernel at and above the crossover sparsities in
+``kernels/_tuning.py``, BLAS on ``mask * W`` formed block by block below them; sparse isometry
+steps; stacks of SVDs and of products) and NumPy everywhere else. Results are arrays of the input's library (NumPy in, NumPy out).
 
 Functions (batches are rows, weights are ``(n_out, n_in)`` as everywhere in refnet):
 
@@ -44,7 +45,7 @@ import threading
 
 from . import numpy_engine
 from ._structure import cache_info, clear_cache, mask_density
-from ._tuning import ISOMETRY_CROSSOVER, MATMUL_CROSSOVER, MATMUL_T_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK, MIN_THREADED_ISOMETRY, MIN_THREADED_WORK
+from ._tuning import ISOMETRY_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK, MIN_THREADED_ISOMETRY, MIN_THREADED_WORK
 
 __all__ = [
     "ENGINES",
@@ -199,10 +200,11 @@ def _auto(kernel: str, args) -> str:
     if not _numba_ok():
         return "numpy"
     if kernel in ("masked_matmul", "masked_matmul_t"):
+        # Numba for every large enough masked product: its CSR kernel at and above the crossover
+        # sparsity, below it BLAS on mask * W formed block by block (cheaper than NumPy's W * mask)
         x, W, mask = args
-        crossover = MATMUL_CROSSOVER if kernel == "masked_matmul" else MATMUL_T_CROSSOVER
         big = getattr(x, "shape", (0,))[0] * getattr(W, "size", 0) >= MIN_SPARSE_WORK
-        return "numba" if big and _float_arrays(x, W) and _sparse_enough(W, mask, crossover) else "numpy"
+        return "numba" if big and _float_arrays(x, W) and _sparse_enough(W, mask, 0.0) else "numpy"
     if kernel == "isometry_step":
         V, mask = args
         return "numba" if _float_arrays(V) and _sparse_enough(V, mask, ISOMETRY_CROSSOVER) else "numpy"

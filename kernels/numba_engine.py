@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - numba is a core dependency
 from . import _threads
 from . import numpy_engine as _np_engine
 from ._structure import mask_structure
-from ._tuning import GATHER_DENSITY, ISOMETRY_CROSSOVER, MATMUL_CROSSOVER, MATMUL_T_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK
+from ._tuning import DENSE_BLOCK_BYTES, DENSE_BLOCK_ROWS, DENSE_BLOCK_ROWS_T, GATHER_DENSITY, ISOMETRY_CROSSOVER, MATMUL_CROSSOVER, MATMUL_T_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK
 
 __all__ = [
     "masked_matmul",
@@ -227,6 +227,18 @@ def _transpose_into(x, out):  # pragma: no cover - compiled
         xr = x[b]
         for j in range(n):
             out[j, b] = xr[j]
+
+
+@_parallel
+def _mask_rows(W, m, r0, out):  # pragma: no cover - compiled
+    """out[i, :] = W[r0 + i, :] * m[r0 + i, :] (NumPy's ``W * mask``: a 0 of the mask gives
+    -0 for a negative weight and NaN for an infinite one, as in the oracle)."""
+    for i in prange(out.shape[0]):
+        Wr = W[r0 + i]
+        mr = m[r0 + i]
+        o = out[i]
+        for j in range(o.shape[0]):
+            o[j] = Wr[j] * mr[j]
 
 
 @_parallel
@@ -404,6 +416,49 @@ def _workspace(shape, dtype, slot: str = "gram"):
     return buf
 
 
+def _dense_masked(a, W, mask, dt, transpose: bool, serial: bool):
+    """BLAS on ``mask * W`` formed block by block (blocks of rows of W) in a bounded scratch
+    buffer that BLAS then reads from cache: the forward ``a @ (mask*W).T`` fills the output's
+    columns block by block (returned Fortran-ordered, like the CSR path); the transposed
+    ``a @ (mask*W)`` sums the blocks' products (row blocks of W are its inner dimension;
+    column blocks, read with a stride, were 1.3x slower). NumPy's ``W * mask`` allocates and
+    writes a full matrix instead (N=4096 float64: 27 ms against 9 ms for the masking)."""
+    n_out, n_in = W.shape
+    B = a.shape[0]
+    Wc = np.ascontiguousarray(W)
+    mc = np.ascontiguousarray(mask)
+    ad = a if a.dtype == dt else a.astype(dt)
+    rows = DENSE_BLOCK_ROWS_T if transpose else DENSE_BLOCK_ROWS
+    step = max(1, min(n_out, rows, DENSE_BLOCK_BYTES // max(1, n_in * dt.itemsize)))
+    if transpose:
+        out = np.empty((B, n_in), dtype=dt)
+        if n_out == 0 or B == 0:
+            out[...] = 0
+            return out
+        tmp = None
+        for r0 in range(0, n_out, step):
+            r1 = min(n_out, r0 + step)
+            buf = _workspace((r1 - r0, n_in), dt, "masked")
+            _run(_mask_rows, serial)(Wc, mc, r0, buf)
+            if r0 == 0:
+                np.matmul(ad[:, r0:r1], buf, out=out)
+            else:
+                if tmp is None:
+                    tmp = np.empty_like(out)
+                np.matmul(ad[:, r0:r1], buf, out=tmp)
+                out += tmp
+        return out
+    out = np.empty((B, n_out), dtype=dt, order="F")
+    if B == 0 or n_out == 0:
+        return out
+    for r0 in range(0, n_out, step):
+        r1 = min(n_out, r0 + step)
+        buf = _workspace((r1 - r0, n_in), dt, "masked")
+        _run(_mask_rows, serial)(Wc, mc, r0, buf)
+        np.matmul(ad, buf.T, out=out[:, r0:r1])
+    return out
+
+
 # -------------------------------------------------------------------------------------------
 # public kernels
 # -------------------------------------------------------------------------------------------
@@ -419,8 +474,12 @@ def masked_matmul(x, W, mask=None, *, method: str = "auto", threads=None):
     _check_method(method)
     serial = _serial(threads)
     dt = _float_dtype(x, W, mask)
-    if mask is None or dt is None or method == "dense" or (method == "auto" and not _sparse_ok(W, mask, MATMUL_CROSSOVER, x.shape[0])):
+    if mask is None or dt is None:
         return _np_engine.masked_matmul(x, W, mask)
+    if method == "dense" or (method == "auto" and not _sparse_ok(W, mask, MATMUL_CROSSOVER, x.shape[0])):
+        if W.size < MIN_SPARSE_SIZE:
+            return _np_engine.masked_matmul(x, W, mask)
+        return _dense_masked(x, W, mask, dt, False, serial)
     s = mask_structure(mask)
     if not s.binary:
         raise ValueError("method='csr' needs a 0/1 (boolean) mask; use method='dense' for a weighted mask")
@@ -449,8 +508,12 @@ def masked_matmul_t(g, W, mask=None, *, method: str = "auto", threads=None):
     _check_method(method)
     serial = _serial(threads)
     dt = _float_dtype(g, W, mask)
-    if mask is None or dt is None or method == "dense" or (method == "auto" and not _sparse_ok(W, mask, MATMUL_T_CROSSOVER, g.shape[0])):
+    if mask is None or dt is None:
         return _np_engine.masked_matmul_t(g, W, mask)
+    if method == "dense" or (method == "auto" and not _sparse_ok(W, mask, MATMUL_T_CROSSOVER, g.shape[0])):
+        if W.size < MIN_SPARSE_SIZE:
+            return _np_engine.masked_matmul_t(g, W, mask)
+        return _dense_masked(g, W, mask, dt, True, serial)
     s = mask_structure(mask)
     if not s.binary:
         raise ValueError("method='csr' needs a 0/1 (boolean) mask; use method='dense' for a weighted mask")

@@ -169,9 +169,11 @@ def test_numba_serial_twins_and_parallel_kernels_match_the_oracle(threads, spars
             mask[i, rng.choice(80, i, replace=False)] = True
         x = rng.standard_normal((19, 80))
         g = rng.standard_normal((19, 96))
+        for method in ("csr", "dense"):
+            kw = {"method": method, "threads": threads}
+            _close(numba_engine.masked_matmul(x, W, mask, **kw), x @ (W * mask).T, np.abs(x) @ np.abs(W * mask).T, TOL[np.dtype(np.float64)], "fwd")
+            _close(numba_engine.masked_matmul_t(g, W, mask, **kw), g @ (W * mask), np.abs(g) @ np.abs(W * mask), TOL[np.dtype(np.float64)], "bwd")
         kw = {"method": "csr", "threads": threads}
-        _close(numba_engine.masked_matmul(x, W, mask, **kw), x @ (W * mask).T, np.abs(x) @ np.abs(W * mask).T, TOL[np.dtype(np.float64)], "fwd")
-        _close(numba_engine.masked_matmul_t(g, W, mask, **kw), g @ (W * mask), np.abs(g) @ np.abs(W * mask), TOL[np.dtype(np.float64)], "bwd")
         for V in (W, W.T.copy()):  # tall and wide
             M = mask if V is W else mask.T.copy()
             got, res = numba_engine.isometry_step(V, M, 0.05, **kw)
@@ -182,6 +184,30 @@ def test_numba_serial_twins_and_parallel_kernels_match_the_oracle(threads, spars
         numba.set_num_threads(before)
     with pytest.raises(ValueError, match="threads must be None or an int >= 1"):
         numba_engine.masked_matmul(x, W, mask, method="csr", threads=0)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("shape", [(700, 9), (9, 700), (130, 90)])  # several blocks of rows / of columns
+def test_numba_dense_path_blocks_mixed_dtypes_and_weighted_masks(shape, monkeypatch):
+    """The dense path forms mask * W block by block: the blocks must tile the output exactly,
+    a weighted mask must multiply, and float32 weights meet a float64 input as in NumPy."""
+    from refnet.kernels import _tuning, numba_engine
+
+    monkeypatch.setattr(numba_engine, "DENSE_BLOCK_ROWS", 64)  # many blocks on small matrices
+    monkeypatch.setattr(numba_engine, "DENSE_BLOCK_ROWS_T", 64)
+    rng = np.random.default_rng(8)
+    W = rng.standard_normal(shape)
+    x = rng.standard_normal((13, shape[1]))
+    g = rng.standard_normal((13, shape[0]))
+    for mask in (rng.random(shape) >= 0.5, rng.random(shape) * (rng.random(shape) >= 0.5)):
+        for Wd in (W, W.astype(np.float32)):
+            want_f, want_b = x @ (Wd * mask).T, g @ (Wd * mask)
+            got_f = numba_engine.masked_matmul(x, Wd, mask, method="dense")
+            got_b = numba_engine.masked_matmul_t(g, Wd, mask, method="dense")
+            assert got_f.dtype == want_f.dtype and got_b.dtype == want_b.dtype
+            np.testing.assert_allclose(got_f, want_f, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(got_b, want_b, rtol=1e-12, atol=1e-12)
+    assert _tuning.DENSE_BLOCK_ROWS == 512  # the module constant was patched in the engine only
 
 
 @pytest.mark.parametrize("engine", CPU_ENGINES)
@@ -408,11 +434,12 @@ def test_selection_order_argument_setting_env_auto(monkeypatch):
     x, W, mask = _sparse_case(sparsity=0.95)
     dense_mask = np.ones_like(mask)
     r = kernels.resolve_engine
-    # automatic: Numba for a sparse enough mask, NumPy for a dense one or a small weight
+    # automatic: Numba for a large enough masked product (CSR or blocked dense inside), NumPy
+    # without a mask, for a small weight or for too little work
     assert r("masked_matmul", x, W, mask) == "numba"
-    assert r("masked_matmul", x, W, dense_mask) == "numpy"
+    assert r("masked_matmul", x, W, dense_mask) == "numba"
     assert r("masked_matmul", x[:, :8], W[:8, :8], mask[:8, :8]) == "numpy"
-    assert r("masked_matmul", x[:2], W, mask) == "numpy"  # too little work for the CSR path
+    assert r("masked_matmul", x[:2], W, mask) == "numpy"  # too little work
     assert r("masked_matmul_t", x, W, mask) == "numba"
     assert r("masked_matmul", x, W, None) == "numpy"
     # environment variable beats auto
