@@ -36,8 +36,13 @@ def test_mlp_chains_modes_and_products(net_rng, data):
     Ls = jac.layer_jacobians(net, x)
     P = _chain(Ls, start, end)
     assert Jr.shape == (3, net.shapes[end][0], net.shapes[start][0])
+    # the general vector-stack paths (used by CNNs, jvp/vjp and the operator) from identities
+    trace = net.forward(x, return_trace=True)[1]
+    n_out, n_in = net.shapes[end][0], net.shapes[start][0]
+    Jp = jac.pullback(net, trace, np.broadcast_to(np.eye(n_out), (3, n_out, n_out)), start, end)
+    Jq = jac.pushforward(net, trace, np.broadcast_to(np.eye(n_in), (3, n_in, n_in)), start, end).transpose(0, 2, 1)
     scale = max(np.abs(P).max(), 1e-300)
-    for J in (Jr, Jf, Ja):
+    for J in (Jr, Jf, Ja, Jp, Jq):
         assert np.abs(J - P).max() <= 1e-12 * scale
 
 
@@ -85,15 +90,28 @@ def test_reverse_mode_is_chosen_for_wide_inputs(monkeypatch):
     net = rn.mlp([784, 100, 10], activation="tanh", seed=0)
     x = np.random.default_rng(0).standard_normal((2, 784))
     seen = []
-    real = jac.pullback
+    real = jac._dense_chain
 
-    def spy(net_, trace, G, start, end):
-        seen.append(G.shape)
-        return real(net_, trace, G, start, end)
+    def spy(net_, trace, dense, mode):
+        J = real(net_, trace, dense, mode)
+        seen.append((mode, J.shape))
+        return J
 
-    monkeypatch.setattr(jac, "pullback", spy)
+    monkeypatch.setattr(jac, "_dense_chain", spy)
     J = jac.jacobian(net, x)
-    assert seen == [(2, 10, 10)] and J.shape == (2, 10, 784)
+    assert seen == [("reverse", (2, 10, 784))] and J.shape == (2, 10, 784)
+    # the general path (a CNN) pulls back 4 cotangents for a 4-output net
+    cnn = rn.Network([rn.Conv2d(1, 2, 3, padding=1, activation="tanh"), rn.Flatten(), rn.Dense(2 * 6 * 6, 4)], in_shape=(1, 6, 6))
+    shapes = []
+    real_pull = jac.pullback
+
+    def spy_pull(net_, trace, G, start, end):
+        shapes.append(G.shape)
+        return real_pull(net_, trace, G, start, end)
+
+    monkeypatch.setattr(jac, "pullback", spy_pull)
+    assert jac.jacobian(cnn, np.ones((2, 1, 6, 6))).shape == (2, 4, 36)
+    assert shapes == [(2, 4, 4)]
 
 
 def test_masked_network_jacobian_uses_effective_weights():
