@@ -99,12 +99,13 @@ def run(quick: bool = False) -> list[dict]:
 def main(argv=None) -> int:
     import argparse
 
-    from .common import blas_info, write_json
+    from .common import blas_info, settle_allocator, write_json
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.jacobian", description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    settle_allocator()
     info = blas_info()
     print("environment:", {k: v for k, v in info.items() if k != "threadpools"})
     rows = run(args.quick)

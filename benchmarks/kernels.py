@@ -33,7 +33,7 @@ import warnings
 
 import numpy as np
 
-from .common import blas_info, median_time, print_table, write_json
+from .common import blas_info, median_time, print_table, settle_allocator, write_json
 
 SPARSITIES = (0.5, 0.9, 0.95, 0.99)
 
@@ -403,6 +403,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.probe:
         pin_one_core()
+    settle_allocator()
     info = blas_info()
     info["affinity"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print("environment:", {k: v for k, v in info.items() if k != "threadpools"})

@@ -28,6 +28,8 @@ Functions (batches are rows, weights are ``(n_out, n_in)`` as everywhere in refn
     Singular values of a stack ``(..., m, n)``, in descending order.
 ``isometry_step(V, mask, lr, squared=False)``
     One approximate-isometry gradient step on the kept entries: ``(V_new, residual)``.
+``kth_largest(s, k)``
+    The ``k``-th largest entry of a 1-D array: the pruning threshold of a global top-k.
 
 Sparse paths cache the mask's structure per mask object: do not modify a mask in place after
 using it (make a new one, as refnet's pruning does), or call :func:`clear_cache`. Results of
@@ -40,12 +42,13 @@ import contextlib
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 import threading
 
 from . import numpy_engine
 from ._structure import cache_info, clear_cache, mask_density
-from ._tuning import ISOMETRY_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK, MIN_THREADED_ISOMETRY, MIN_THREADED_WORK
+from ._tuning import ISOMETRY_CROSSOVER, MIN_SELECT_SIZE, MIN_SPARSE_SIZE, MIN_SPARSE_WORK, MIN_THREADED_ISOMETRY, MIN_THREADED_WORK
 
 __all__ = [
     "ENGINES",
@@ -56,6 +59,7 @@ __all__ = [
     "batched_matmul_chain",
     "batched_svdvals",
     "isometry_step",
+    "kth_largest",
     "set_engine",
     "use_engine",
     "get_engine",
@@ -208,6 +212,9 @@ def _auto(kernel: str, args) -> str:
     if kernel == "isometry_step":
         V, mask = args
         return "numba" if _float_arrays(V) and _sparse_enough(V, mask, ISOMETRY_CROSSOVER) else "numpy"
+    if kernel == "kth_largest":  # radix select: 129,400 scores 0.2 ms vs np.partition 1.0 ms
+        (s,) = args
+        return "numba" if getattr(s, "ndim", 0) == 1 and s.size >= MIN_SELECT_SIZE and _float_arrays(s) else "numpy"
     if kernel == "batched_svdvals":
         (A,) = args
         shape = getattr(A, "shape", ())
@@ -373,3 +380,15 @@ def isometry_step(V, mask, lr: float, squared: bool = False, *, engine: str | No
     # automatic Numba: one thread below MIN_THREADED_ISOMETRY entries (the many small parallel
     # regions of a step stall on a busy second core), the Numba thread count above
     return _masked_call("isometry_step", (V, mask), engine, method, lr, squared, one_thread=V.size < MIN_THREADED_ISOMETRY)
+
+
+def kth_largest(s, k: int, *, engine: str | None = None):
+    """The ``k``-th largest entry of the 1-D array ``s`` (``1 <= k <= s.size``), exactly
+    ``np.partition(s, s.size - k)[s.size - k]`` (NaN ranks largest): the threshold of a top-k
+    pruning mask. The Numba engine selects by radix on the bit patterns of non-negative scores."""
+    _check_1d = getattr(s, "ndim", None)
+    if _check_1d != 1:
+        raise ValueError(f"s must be a 1-D array, got shape {getattr(s, 'shape', type(s).__name__)}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= s.shape[0]:
+        raise ValueError(f"k must be an int in [1, {s.shape[0]}] (the size of s), got {k!r}")
+    return _engine("kth_largest", (s,), engine).kth_largest(s, int(k))

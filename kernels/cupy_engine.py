@@ -32,6 +32,7 @@ __all__ = [
     "batched_matmul_chain",
     "batched_svdvals",
     "isometry_step",
+    "kth_largest",
 ]
 
 
@@ -166,3 +167,12 @@ def isometry_step(V, mask, lr: float, squared: bool = False, *, method: str = "a
     out = V.copy()
     out[rows, cols] -= lr * scale * P[rows, cols]
     return _back(out, host), res
+
+
+def kth_largest(s, k: int):
+    """The ``k``-th largest entry of a 1-D array (``cupy.partition``; a host scalar for NumPy
+    input, a 0-d device array for CuPy input)."""
+    host = _on_host(s)
+    sd = _dev(s)
+    out = cp.partition(sd, sd.size - k)[sd.size - k]
+    return out.get()[()] if host else out

@@ -12,6 +12,7 @@ Shapes (batches are rows, weights are ``(n_out, n_in)``, as everywhere in refnet
 ``batched_matmul_chain(mats)``     ``mats[-1] @ ... @ mats[0]`` (later factors on the left)
 ``batched_svdvals(A)``             ``(..., m, n)`` -> ``(..., min(m, n))``, descending
 ``isometry_step(V, mask, lr)``     one approximate-isometry gradient step, see below
+``kth_largest(s, k)``              the ``k``-th largest entry of a 1-D array (``np.partition``)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "batched_svdvals",
     "isometry_step",
     "isometry_residual",
+    "kth_largest",
 ]
 
 METHODS = ("auto", "dense", "csr")
@@ -182,3 +184,10 @@ def _isometry_step_scipy(V, mask, lr, squared):
     out = V.astype(dt, copy=True)
     out[s.rows, s.indices] -= lr * scale * np.asarray(P)[s.rows, s.indices]
     return out, res
+
+
+def kth_largest(s: np.ndarray, k: int):
+    """The ``k``-th largest entry of the 1-D array ``s`` (``1 <= k <= s.size``; NaN counts as
+    the largest, as in ``np.partition``)."""
+    s = np.asarray(s)
+    return np.partition(s, s.size - k)[s.size - k]

@@ -332,6 +332,31 @@ register(
 )
 
 
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from .benchmarks.__main__ import add_arguments
+
+    add_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .benchmarks.__main__ import run
+
+    return run(args)
+
+
+register(
+    "bench",
+    "time refnet beside NumPy, SciPy, PyTorch and JAX (whichever are installed) in one run",
+    _add_bench,
+    _run_bench,
+    description="Benchmark suites (engine: training step and SNIP of the papers' MLP; kernels: masked\n"
+    "products, batched singular values, isometry steps; jacobian: Jacobians and their singular\n"
+    "values), medians of repeated runs, printed as times and ratios and written to --out as JSON\n"
+    "with the BLAS library and thread settings. Set OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and\n"
+    "NUMBA_NUM_THREADS before starting for one-thread figures (docs/performance.md).",
+)
+
+
 # ============================================================================================
 # parser and entry point
 # ============================================================================================

@@ -48,6 +48,7 @@ from math import prod
 
 import numpy as np
 
+from . import kernels
 from ._checks import as_rng, check_array, check_choice, check_int
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
 from .losses import cross_entropy, get_loss, softmax
@@ -312,7 +313,7 @@ def connection_sensitivity(
             stacklevel=2,
         )
     keys = _ranked_keys(net, include_bias)
-    acc = [{k: np.zeros_like(net.params[i][k]) for k in ks} for i, ks in enumerate(keys)]
+    acc = None  # the first batch's products start the sums (no zeros to add to)
     for start in range(0, B, bs):
         xb = x[start : start + bs]  # (b, *in_shape)
         z, trace = net.forward(xb, return_trace=True)  # (b, C)
@@ -323,10 +324,13 @@ def connection_sensitivity(
         else:
             _, eps = fn(z, y[start : start + bs])
         grads = net.backward(trace, eps)  # masked: m * dL/dW_eff
+        if acc is None:
+            acc = [{k: np.multiply(grads[i][k], net.params[i][k]) for k in ks} for i, ks in enumerate(keys)]
+            continue
         for i, ks in enumerate(keys):
             for k in ks:
                 acc[i][k] += grads[i][k] * net.params[i][k]  # dL/dc = (m dL/dW_eff) * w
-    scores = [{k: np.abs(v) for k, v in d.items()} for d in acc]
+    scores = [{k: np.abs(v, out=v) for k, v in d.items()} for d in acc]  # our own arrays
     if normalize:
         total = sum(float(v.sum()) for d in scores for v in d.values())
         if total > 0:
@@ -582,19 +586,21 @@ def synflow_prune(
 def _top_k(s: np.ndarray, alive: np.ndarray, k: int) -> np.ndarray:
     """Boolean keep-vector: the ``k`` largest ``s`` among ``alive`` entries, ties to the lower
     index. Same result as ``alive_idx[np.argsort(-s[alive], kind="stable")[:k]]`` in O(m)."""
-    keep = np.zeros(s.shape, dtype=bool)
-    idx = np.flatnonzero(alive)
-    sa = s[idx]
+    everyone = bool(alive.all())  # nothing pruned yet (the usual case): rank s itself
+    idx = None if everyone else np.flatnonzero(alive)
+    sa = s if everyone else s[idx]
     k = min(k, sa.size)
     if k <= 0:
-        return keep
+        return np.zeros(s.shape, dtype=bool)
     if k == sa.size:
-        keep[idx] = True
-        return keep
-    t = np.partition(sa, sa.size - k)[sa.size - k]  # the k-th largest score
+        return alive.astype(bool, copy=True)
+    t = kernels.kth_largest(sa, k)  # the k-th largest score (np.partition, or a radix select)
     sel = sa > t
-    ties = np.flatnonzero(sa == t)[: k - int(sel.sum())]  # lowest indices first
+    ties = np.flatnonzero(sa == t)[: k - int(np.count_nonzero(sel))]  # lowest indices first
     sel[ties] = True
+    if everyone:
+        return sel
+    keep = np.zeros(s.shape, dtype=bool)
     keep[idx[sel]] = True
     return keep
 
@@ -691,8 +697,9 @@ def prune(
     warn = _check_bool(warn, "warn")
     keys = _ranked_keys(net, include_bias)
     s = _check_scores(net, scores, keys)
-    masks = [{k: v.copy() for k, v in m.items()} for m in net.masks]
     entries = [(i, k) for i, ks in enumerate(keys) for k in ks]
+    ranked = set(entries)  # their masks are replaced below; the others are copied
+    masks = [{k: (None if (i, k) in ranked else v.copy()) for k, v in m.items()} for i, m in enumerate(net.masks)]
     groups = [entries] if scope == "global" else [[e for e in entries if e[0] == i] for i in range(net.n_layers)]
     for group in groups:
         if not group:

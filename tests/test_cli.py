@@ -265,3 +265,27 @@ def test_parse_arch_and_help():
         parse_arch("mlp-7-tanh-w200x")
     assert isinstance(build("mlp-2-tanh", 5, 3).layers[0], Dense)
     assert not any(isinstance(layer, (Flatten, MaxPool2d, AvgPool2d, GlobalAvgPool2d)) for layer in build("mlp-2-tanh", 5, 3).layers)
+
+
+# --------------------------------------------------------------------------------------------
+# refnet bench
+# --------------------------------------------------------------------------------------------
+
+
+def test_bench_engine_runs_from_the_cli_and_writes_json(tmp_path, capsys):
+    """`refnet bench` runs the installed benchmark suites (refnet.benchmarks); the engine suite
+    checks refnet's SNIP mask against PyTorch's before timing. Planted bug seen failing: the
+    suite's rows not reaching the JSON file (rows dropped in run())."""
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "engine", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "SNIP scores + global top-k mask at 90%" in printed
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["numpy"] == np.__version__
+    impls = {(r["case"].split(",")[0], r["impl"].split()[0]) for r in payload["results"]}
+    assert {("forward+backward", "refnet"), ("forward+backward", "torch")} <= impls
+    assert all(r["seconds"] > 0 for r in payload["results"])
+    assert any(r["case"].startswith("SNIP") and r["impl"] == "refnet" for r in payload["results"])
+    assert main(["bench", "nonsense"]) == 2  # an unknown suite: a usage error
+    assert "invalid choice: 'nonsense'" in capsys.readouterr().err

@@ -210,6 +210,51 @@ def test_numba_dense_path_blocks_mixed_dtypes_and_weighted_masks(shape, monkeypa
     assert _tuning.DENSE_BLOCK_ROWS == 512  # the module constant was patched in the engine only
 
 
+_SPECIAL = st.sampled_from([0.0, -0.0, 1.0, 2.5, np.inf, -1.0, np.nan, 1e-300, 5e-324])
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.sampled_from([np.float64, np.float32]),
+    st.integers(2, 300),
+    st.sampled_from(["abs", "ties", "special"]),
+    st.integers(0, 2**32 - 1),
+    st.data(),
+)
+def test_kth_largest_matches_partition(dtype, n, kind, seed, data):
+    """Every engine equals np.partition bit for bit: ties, zeros, subnormals and +inf take the
+    radix select; negatives, -0.0 and NaN the oracle's rules."""
+    rng = np.random.default_rng(seed)
+    if kind == "abs":  # scores over many orders of magnitude, like |g w|
+        s = np.abs(rng.standard_normal(n)) * rng.random(n) ** 6
+    elif kind == "ties":
+        s = rng.integers(0, 4, n) * 0.25
+    else:
+        s = np.array(data.draw(st.lists(_SPECIAL, min_size=n, max_size=n)))
+    s = s.astype(dtype)
+    k = data.draw(st.integers(1, n))
+    want = np.partition(s, n - k)[n - k]
+    for engine in CPU_ENGINES:
+        got = kernels.kth_largest(s, k, engine=engine)
+        assert got.dtype == s.dtype
+        assert (np.isnan(got) and np.isnan(want)) or (got == want and np.signbit(got) == np.signbit(want)), (engine, got, want)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_kth_largest_radix_path_on_large_scores_and_errors():
+    from refnet.kernels import numba_engine
+
+    rng = np.random.default_rng(4)
+    s = np.abs(rng.standard_normal(129_400)) * rng.random(129_400) ** 4
+    assert kernels.resolve_engine("kth_largest", s) == "numba"
+    for k in (1, 2, 12_940, 129_399, 129_400):
+        assert numba_engine.kth_largest(s, k) == np.partition(s, s.size - k)[s.size - k]
+    with pytest.raises(ValueError, match="k must be an int in"):
+        kernels.kth_largest(s, 0)
+    with pytest.raises(ValueError, match="s must be a 1-D array"):
+        kernels.kth_largest(s.reshape(2, -1), 1)
+
+
 @pytest.mark.parametrize("engine", CPU_ENGINES)
 def test_sparse_paths_read_current_weights(engine):
     """The mask's structure is cached, the weights are not: W changing in place between calls
@@ -605,3 +650,7 @@ def test_cupy_engine_matches_oracle(dtype, method):
     got = cp.asnumpy(kernels.batched_svdvals(cp.asarray(A)))
     assert np.abs(got - ref).max() <= (1e-13 if dtype == np.float64 else 1e-5) * 10 * ref.max()
     np.testing.assert_allclose(kernels.batched_matmul(A, A.swapaxes(1, 2), engine="cupy"), A @ A.swapaxes(1, 2), rtol=10 * tol, atol=10 * tol)
+    s = (np.abs(rng.standard_normal(5000)) * rng.random(5000) ** 4).astype(dtype)
+    for k in (1, 500, 5000):
+        assert kernels.kth_largest(s, k, engine="cupy") == np.partition(s, s.size - k)[s.size - k]
+        assert float(kernels.kth_largest(cp.asarray(s), k)) == np.partition(s, s.size - k)[s.size - k]
