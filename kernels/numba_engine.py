@@ -11,10 +11,12 @@ Kernels and their costs (``nnz`` kept weights of an ``(n_out, n_in)`` mask, batc
 
 masked_matmul (CSR, rows in parallel)
     ``out^T[i, :] = sum_{j in row i} W[i, j] x^T[j, :]``: ``2 nnz B`` flops, vectorised over
-    the batch (``x`` is transposed once, ``O(B n_in)``; the result is returned as the
-    transpose of a C-ordered ``(n_out, B)`` array, i.e. Fortran-ordered, which is what the next
-    layer's product wants). The values are read from ``W`` on every call (``W`` changes every
-    training step; the structure is cached per mask, see ``_structure.py``).
+    the batch, four or eight entries per pass over the row's accumulator (``x`` is transposed
+    once by a tiled copy, ``O(B n_in)``; the result is returned as the transpose of a C-ordered
+    ``(n_out, B)`` array, i.e. Fortran-ordered, which is what the next layer's product wants).
+    The values are read from ``W`` on every call (``W`` changes every training step; the
+    structure is cached per mask, see ``_structure.py``). Below the crossover sparsity: BLAS on
+    ``mask * W`` formed block by block (:func:`_dense_masked`).
 masked_matmul_t (CSC, input features in parallel)
     ``out^T[j, :] = sum_{i in column j} W[i, j] g^T[i, :]``: the values are read in row order
     (cache-friendly) and stored in column order, then a race-free column kernel runs.
@@ -32,6 +34,12 @@ batched_svdvals
     thread, BLAS pinned to one thread meanwhile (see ``_threads.py``). Numba's own
     ``np.linalg.svd`` always computes the singular vectors, which costs more than the
     parallelism gains, so LAPACK is called through NumPy (which releases the GIL).
+kth_largest
+    A radix select on the bit patterns of non-negative scores (one histogram pass over the top
+    16 bits, then a partition of the entries sharing the winning digit).
+Threads
+    Every parallel kernel has a serial twin compiled from the same source; ``threads=1`` (what
+    the automatic engine passes for small work) runs the twins and never touches the pool.
 batched_matmul
     NumPy's ``matmul`` (one BLAS gemm per matrix) on chunks of the stack in the same pool: a
     Numba triple loop loses to BLAS per matrix (2.0x slower than ``np.matmul`` on 100 stacked

@@ -36,6 +36,10 @@ def _clean_engine_state(monkeypatch):
 
         monkeypatch.setattr(numba_engine, "_workers", lambda: 3)  # exercise the chunked pool
         monkeypatch.setattr(_tuning, "SVD_MIN_SIDE", 1)
+        # the dense path's blocks on the small hypothesis matrices too (several blocks each)
+        monkeypatch.setattr(numba_engine, "MIN_SPARSE_SIZE", 0)
+        monkeypatch.setattr(numba_engine, "DENSE_BLOCK_ROWS", 7)
+        monkeypatch.setattr(numba_engine, "DENSE_BLOCK_ROWS_T", 5)
     yield
     kernels.set_engine(None)
 
