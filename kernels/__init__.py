@@ -154,11 +154,7 @@ def _env_engine():
 def get_engine() -> str:
     """The engine in force when no ``engine=`` argument is given: the one set in code, else
     ``REFNET_ENGINE``, else "auto"."""
-    with _state_lock:
-        name = _engine_set
-    if name is None:
-        name = _env_engine()
-    return name or "auto"
+    return _chosen(None) or "auto"
 
 
 def available_engines() -> list[str]:
@@ -240,17 +236,24 @@ def _cores() -> int:
     return n
 
 
-def resolve_engine(kernel: str, *arrays, engine: str | None = None) -> str:
-    """The engine name that would run ``kernel`` on these arguments (in the order of the
-    kernel's signature). Rules: ``engine`` > :func:`set_engine` > ``REFNET_ENGINE`` > auto;
-    CuPy arrays need the cupy engine (auto picks it); NumPy arrays run on any engine (the cupy
-    engine copies them to the GPU and back)."""
+def _chosen(engine):
+    """The engine named in code or environment (``engine`` > :func:`set_engine` >
+    ``REFNET_ENGINE``), or None when the choice is automatic."""
     name = _check_name(engine, "engine")
     if name is None:
         with _state_lock:
             name = _engine_set
     if name is None:
         name = _env_engine()
+    return name
+
+
+def resolve_engine(kernel: str, *arrays, engine: str | None = None) -> str:
+    """The engine name that would run ``kernel`` on these arguments (in the order of the
+    kernel's signature). Rules: ``engine`` > :func:`set_engine` > ``REFNET_ENGINE`` > auto;
+    CuPy arrays need the cupy engine (auto picks it); NumPy arrays run on any engine (the cupy
+    engine copies them to the GPU and back)."""
+    name = _chosen(engine)
     on_gpu = any(_is_cupy(a) for a in arrays)
     if name is None:
         return "cupy" if on_gpu else _auto(kernel, arrays)
@@ -271,12 +274,7 @@ def _masked_call(kernel: str, arrays, engine, method, *args, one_thread=True):
     forward+backward 1.7 / 40 / 1.9 ms. A parallel region waits for its slowest thread, so a
     second thread on a busy core costs far more than it gains on small work. An explicit
     engine="numba" keeps NUMBA_NUM_THREADS."""
-    chosen = _check_name(engine, "engine")
-    if chosen is None:
-        with _state_lock:
-            chosen = _engine_set
-    if chosen is None:
-        chosen = _env_engine()
+    chosen = _chosen(engine)
     name = resolve_engine(kernel, *arrays, engine=chosen)
     fn = getattr(_load(name), kernel)
     if name != "numba" or chosen is not None or not one_thread:

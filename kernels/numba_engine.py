@@ -493,67 +493,56 @@ def masked_matmul(x, W, mask=None, *, method: str = "auto", threads=None):
     ``MATMUL_CROSSOVER`` sparsity (``kernels/_tuning.py``), dense below. threads: None (Numba's
     thread count) or 1 (the serial kernels; any larger count means Numba's thread count).
     """
-    _check_method(method)
-    serial = _serial(threads)
-    dt = _float_dtype(x, W, mask)
-    if mask is None or dt is None:
-        return _np_engine.masked_matmul(x, W, mask)
-    if method == "dense" or (method == "auto" and not _sparse_ok(W, mask, MATMUL_CROSSOVER, x.shape[0])):
-        if W.size < MIN_SPARSE_SIZE:
-            return _np_engine.masked_matmul(x, W, mask)
-        return _dense_masked(x, W, mask, dt, False, serial)
-    s = mask_structure(mask)
-    if not s.binary:
-        raise ValueError("method='csr' needs a 0/1 (boolean) mask; use method='dense' for a weighted mask")
-    n_out, n_in = W.shape
-    B = x.shape[0]
-    outT = np.empty((n_out, B), dtype=dt)  # (n_out, B)
-    if B == 0 or n_out == 0:
-        return outT.T
-    if s.nnz == 0:
-        outT[...] = 0
-        return outT.T
-    Wc = np.ascontiguousarray(W, dtype=dt)
-    xT = _transposed_rows(x, dt, serial)  # (n_in, B)
-    if s.density > GATHER_DENSITY:
-        _run(_spmm_fused, serial)(Wc, s.indptr, s.indices, xT, outT)
-    else:
-        vals = _workspace((s.nnz,), dt, "vals")
-        _run(_gather, serial)(Wc, s.indptr, s.indices, vals)
-        _run(_spmm, serial)(vals, s.indptr, s.indices, xT, outT)
-    return outT.T  # (B, n_out), Fortran-ordered
+    return _masked_product(x, W, mask, method, threads, transpose=False)
 
 
 def masked_matmul_t(g, W, mask=None, *, method: str = "auto", threads=None):
-    """``g @ (mask * W)`` (see :func:`refnet.kernels.masked_matmul_t`; threads as in
-    :func:`masked_matmul`)."""
+    """``g @ (mask * W)`` (see :func:`refnet.kernels.masked_matmul_t`; the crossover is
+    ``MATMUL_T_CROSSOVER``; threads as in :func:`masked_matmul`)."""
+    return _masked_product(g, W, mask, method, threads, transpose=True)
+
+
+def _masked_product(a, W, mask, method, threads, transpose: bool):
+    """``a @ (mask * W).T`` (forward) or ``a @ (mask * W)`` (``transpose``): the oracle for
+    unmasked, non-float or small problems, else the blocked dense path or the CSR kernel (rows
+    of W for the forward product; its CSC twin, values gathered in row order and stored in column
+    order, for the transposed one). CSR results are Fortran-ordered."""
     _check_method(method)
     serial = _serial(threads)
-    dt = _float_dtype(g, W, mask)
+    oracle = _np_engine.masked_matmul_t if transpose else _np_engine.masked_matmul
+    dt = _float_dtype(a, W, mask)
     if mask is None or dt is None:
-        return _np_engine.masked_matmul_t(g, W, mask)
-    if method == "dense" or (method == "auto" and not _sparse_ok(W, mask, MATMUL_T_CROSSOVER, g.shape[0])):
+        return oracle(a, W, mask)
+    crossover = MATMUL_T_CROSSOVER if transpose else MATMUL_CROSSOVER
+    if method == "dense" or (method == "auto" and not _sparse_ok(W, mask, crossover, a.shape[0])):
         if W.size < MIN_SPARSE_SIZE:
-            return _np_engine.masked_matmul_t(g, W, mask)
-        return _dense_masked(g, W, mask, dt, True, serial)
+            return oracle(a, W, mask)
+        return _dense_masked(a, W, mask, dt, transpose, serial)
     s = mask_structure(mask)
     if not s.binary:
         raise ValueError("method='csr' needs a 0/1 (boolean) mask; use method='dense' for a weighted mask")
-    n_out, n_in = W.shape
-    B = g.shape[0]
-    outT = np.empty((n_in, B), dtype=dt)  # (n_in, B)
-    if B == 0 or n_in == 0:
+    n = W.shape[1] if transpose else W.shape[0]  # output columns
+    B = a.shape[0]
+    outT = np.empty((n, B), dtype=dt)  # (n, B)
+    if B == 0 or n == 0:
         return outT.T
     if s.nnz == 0:
         outT[...] = 0
         return outT.T
-    cptr, cidx, _, iperm = s.csc()
     Wc = np.ascontiguousarray(W, dtype=dt)
-    vals_c = _workspace((s.nnz,), dt, "vals")
-    _run(_gather_to, serial)(Wc, s.indptr, s.indices, iperm, vals_c)  # read in row order, stored in column order
-    gT = _transposed_rows(g, dt, serial)  # (n_out, B)
-    _run(_spmm, serial)(vals_c, cptr, cidx, gT, outT)
-    return outT.T  # (B, n_in), Fortran-ordered
+    aT = _transposed_rows(a, dt, serial)  # (n_in, B) forward, (n_out, B) transposed
+    if transpose:
+        cptr, cidx, _, iperm = s.csc()
+        vals = _workspace((s.nnz,), dt, "vals")
+        _run(_gather_to, serial)(Wc, s.indptr, s.indices, iperm, vals)  # read in row order, stored in column order
+        _run(_spmm, serial)(vals, cptr, cidx, aT, outT)
+    elif s.density > GATHER_DENSITY:
+        _run(_spmm_fused, serial)(Wc, s.indptr, s.indices, aT, outT)
+    else:
+        vals = _workspace((s.nnz,), dt, "vals")
+        _run(_gather, serial)(Wc, s.indptr, s.indices, vals)
+        _run(_spmm, serial)(vals, s.indptr, s.indices, aT, outT)
+    return outT.T  # (B, n), Fortran-ordered
 
 
 def isometry_step(V, mask, lr: float, squared: bool = False, *, method: str = "auto", threads=None):

@@ -2,9 +2,10 @@
 
 Commands are registered in :data:`_SUBCOMMANDS`: each is a :class:`Command` with a function that
 adds its options to an ``argparse`` sub-parser and a function that runs it from the parsed
-namespace and returns the exit status. To add one (``spectrum``, ``prune``, ``reproduce``,
-``bench``, ``audit``, ...), write ``_add_NAME(parser)`` and ``_run_NAME(args) -> int`` and call
-:func:`register`; heavy imports belong inside ``_run_NAME`` so that ``refnet --help`` stays fast.
+namespace and returns the exit status. To add one, write ``add_arguments(parser)`` and
+``run(args) -> int`` in its own module and call ``register(NAME, HELP, *_delegate(MODULE,
+"add_arguments", "run"))``: the module is imported only when the command runs, so that
+``refnet --help`` stays fast.
 
 Exit status: 0 success, 1 a run that failed (e.g. training diverged), 2 bad arguments or input
 (the message, ``refnet: error: ...``, names the argument; no traceback), 130 interrupted.
@@ -14,6 +15,7 @@ Set ``REFNET_DEBUG=1`` to get the full traceback instead of the one-line message
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -238,23 +240,23 @@ register(
 )
 
 
-def _add_spectrum(p: argparse.ArgumentParser) -> None:
-    from .spectrum import add_spectrum_arguments
+def _delegate(module: str, add: str, run: str):
+    """``(add_arguments, run)`` for a command whose code lives in ``module`` (relative to
+    refnet), imported only when the command is used, so that ``refnet --help`` stays fast."""
 
-    add_spectrum_arguments(p)
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(module, __package__), add)(p)
 
+    def run_command(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module, __package__), run)(args)
 
-def _run_spectrum(args: argparse.Namespace) -> int:
-    from .spectrum import run_spectrum
-
-    return run_spectrum(args)
+    return add_arguments, run_command
 
 
 register(
     "spectrum",
     "Jacobian singular values and layerwise dynamical isometry of one or more initializations",
-    _add_spectrum,
-    _run_spectrum,
+    *_delegate(".spectrum", "add_spectrum_arguments", "run_spectrum"),
     description="For each initialization, build the network, optionally prune it, and compute the\n"
     "singular values of the input-output Jacobian of every example (pooled mean, std, min, max,\n"
     "CN = max/min as the SPP tables; CN mean over examples as [DI]) and of every layer Jacobian\n"
@@ -262,69 +264,30 @@ register(
 )
 
 
-def _add_prune(p: argparse.ArgumentParser) -> None:
-    from .prune_cmd import add_arguments
-
-    add_arguments(p)
-
-
-def _run_prune(args: argparse.Namespace) -> int:
-    from .prune_cmd import run
-
-    return run(args)
-
-
 register(
     "prune",
     "prune at initialization, optionally repair by approximate isometry, train and report JSV",
-    _add_prune,
-    _run_prune,
+    *_delegate(".prune_cmd", "add_arguments", "run"),
     description="Build a network, measure its Jacobian singular values, prune it (connection\n"
     "sensitivity or a baseline), optionally repair it (--repair ai), measure again, train and\n"
     "report the test error. Writes OUT/masks.npz, net.npz, history.json, summary.json, curves.png.",
 )
 
 
-def _add_reproduce(p: argparse.ArgumentParser) -> None:
-    from .reproduce import add_arguments
-
-    add_arguments(p)
-
-
-def _run_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import run
-
-    return run(args)
-
-
 register(
     "reproduce",
     "reproduce the papers' tables and figures; writes a summary report",
-    _add_reproduce,
-    _run_reproduce,
+    *_delegate(".reproduce", "add_arguments", "run"),
     description="Run the validation scripts (all by default), each writing results.json, report.md\n"
     "and figures under OUT/<name>/ as it goes, and gather them in OUT/SUMMARY.md.\n"
     "An interrupted run keeps what it finished; running it again resumes.",
 )
 
 
-def _add_audit(p: argparse.ArgumentParser) -> None:
-    from .audit import add_audit_arguments
-
-    add_audit_arguments(p)
-
-
-def _run_audit(args: argparse.Namespace) -> int:
-    from .audit import run_audit
-
-    return run_audit(args)
-
-
 register(
     "audit",
     "compare a PyTorch model (or another framework's .npz) with refnet's float64 reference",
-    _add_audit,
-    _run_audit,
+    *_delegate(".audit", "add_audit_arguments", "run_audit"),
     description="Audit what another framework computes: logits, loss, gradients, Jacobians, SNIP\n"
     "scores and masks, Jacobian singular values, in float64 and as the model runs (its own\n"
     "dtype), against refnet's float64 reference. Writes OUT/report.md and OUT/report.json;\n"
@@ -332,23 +295,10 @@ register(
 )
 
 
-def _add_bench(p: argparse.ArgumentParser) -> None:
-    from .benchmarks.__main__ import add_arguments
-
-    add_arguments(p)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from .benchmarks.__main__ import run
-
-    return run(args)
-
-
 register(
     "bench",
     "time refnet beside NumPy, SciPy, PyTorch and JAX (whichever are installed) in one run",
-    _add_bench,
-    _run_bench,
+    *_delegate(".benchmarks.__main__", "add_arguments", "run"),
     description="Benchmark suites (engine: training step and SNIP of the papers' MLP; kernels: masked\n"
     "products, batched singular values, isometry steps; jacobian: Jacobians and their singular\n"
     "values), medians of repeated runs, printed as times and ratios and written to --out as JSON\n"
