@@ -8,6 +8,7 @@ sees a half-written file; on any error the temporary file is removed and the old
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_savez", "atomic_savefig"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_savez", "atomic_savefig", "json_float", "jsonable"]
 
 
 def _target_mode(path: Path) -> int:
@@ -52,6 +53,36 @@ def atomic_write(path, write: Callable, *, suffix: str = ".tmp") -> None:
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` (UTF-8) atomically."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def json_float(v):
+    """A finite float as a number; inf and nan as the strings "inf", "-inf", "nan" (strict JSON
+    has no non-finite numbers; Python's ``float()`` reads the strings back). None stays None."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+
+
+def jsonable(obj, *, other=None):
+    """``obj`` with NumPy scalars and arrays turned into Python numbers and lists, dict keys into
+    strings and non-finite floats into strings (:func:`json_float`), for strict JSON. Values of
+    other types are passed to ``other`` (e.g. ``str``) or left as they are."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, other=other) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, other=other) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist(), other=other)
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return json_float(obj)
+    if obj is None or isinstance(obj, str) or other is None:
+        return obj
+    return other(obj)
 
 
 def atomic_write_json(path, obj, *, indent: int = 2, allow_nan: bool = True) -> None:

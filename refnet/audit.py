@@ -62,7 +62,7 @@ import numpy as np
 
 from . import kernels
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d, layer_from_dict
-from ._io import atomic_savez, atomic_write, atomic_write_text
+from ._io import atomic_savez, atomic_write, atomic_write_text, json_float as _json_float, jsonable
 from .jacobians import jacobian
 from .network import Network
 from .pruning import connection_sensitivity, keep_count, prune
@@ -198,14 +198,6 @@ class Check:
         }
 
 
-def _json_float(v):
-    """Finite floats as numbers; inf and nan as the strings "inf", "-inf", "nan" (valid JSON)."""
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
-
-
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -289,7 +281,7 @@ class AuditReport:
         }
 
     def to_json(self, path=None, indent: int = 2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent)
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
             atomic_write_text(path, text + "\n")
         return text
@@ -366,19 +358,7 @@ def _md_cell(v) -> str:
 
 
 def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return _json_float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
+    return jsonable(obj, other=str)
 
 
 def _tensor_check(name, section, got, ref, tol, source="", note="") -> Check:

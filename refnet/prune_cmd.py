@@ -180,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"final test error {100 * (1 - hist.final_test_acc):.2f}%, best {100 * hist.best_test_error:.2f}% "
               f"at step {hist.best_test_step}")
     pruned.save(os.path.join(args.out, "net.npz"))
-    from .validation.common import _jsonable
+    from ._io import jsonable
 
-    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(_jsonable(summary), indent=2))
+    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(jsonable(summary), indent=2, allow_nan=False))
     print(f"wrote {args.out}/summary.json, masks.npz, net.npz" + (", history.json, curves.png" if args.train_steps else ""))
     sys.stdout.flush()
     return 0

@@ -30,6 +30,8 @@ the full set and does not depend on ``batch_size``.
 
 The ``refnet spectrum`` command (:func:`add_spectrum_parser`, :func:`run_spectrum`) prints these
 statistics for one or more initialisations and writes ``stats.json`` and PNG plots.
+``stats.json`` is strict JSON: an infinite condition number (a zero singular value) is written as
+the string "inf" (``float("inf")`` reads it back).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 
 from . import kernels
 from ._checks import check_float, check_int
-from ._io import atomic_write_text
+from ._io import atomic_write_text, jsonable
 from .jacobians import _check_net, _check_range, jacobian
 from .network import Network
 
@@ -515,7 +517,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         "results": results,
     }
     stats_path = os.path.join(out, "stats.json")
-    atomic_write_text(stats_path, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(stats_path, json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n")  # strict JSON: inf -> "inf"
     print()
     print(f"wrote {stats_path}")
 

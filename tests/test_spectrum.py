@@ -445,3 +445,32 @@ def test_cli_bad_arguments(tmp_path, capsys, argv, match):
     err = capsys.readouterr().err
     assert err.startswith("refnet: error:") and match in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_stats_json_is_strict_with_an_infinite_condition_number(tmp_path, capsys):
+    from refnet.pruning import LayerCollapseWarning
+
+    # planted bug seen failing: json.dumps(doc) without jsonable (writes the token Infinity)
+    out = tmp_path / "dead"
+    with pytest.warns(LayerCollapseWarning):  # 99% leaves a layer without weights (and no path through)
+        assert main([*TINY, "--sparsity", "0.99", "--prune", "random", "--seed", "3", "--out", str(out)]) == 0
+    text = (out / "stats.json").read_text()
+
+    def no_constants(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    doc = json.loads(text, parse_constant=no_constants)  # strict: no Infinity / NaN tokens
+    res = doc["results"]["orthogonal"]
+    assert res["min"] == 0.0 and res["cn"] == "inf" and float(res["cn"]) == np.inf
+
+
+def test_jsonable_numpy_values_and_non_finite_floats():
+    from refnet._io import json_float, jsonable
+
+    obj = {1: np.float32(0.5), "a": [np.inf, -np.inf, np.nan, None], "b": np.arange(3), "c": np.bool_(True),
+           "d": (np.int64(7), "s"), "e": np.dtype("float64")}
+    got = jsonable(obj, other=str)
+    assert got == {"1": 0.5, "a": ["inf", "-inf", "nan", None], "b": [0, 1, 2], "c": True, "d": [7, "s"], "e": "float64"}
+    assert json.loads(json.dumps(got, allow_nan=False)) == got
+    assert jsonable(np.dtype("float64")) == np.dtype("float64")  # left as it is without `other`
+    assert json_float(None) is None and json_float(np.float64(2.0)) == 2.0

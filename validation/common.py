@@ -25,30 +25,9 @@ from typing import Any, Callable
 import numpy as np
 
 from refnet._io import atomic_savefig, atomic_write_text
+from refnet._io import jsonable as _jsonable  # NumPy values and non-finite floats ("inf") for strict JSON
 
 __all__ = ["Check", "Run", "parse_args", "atomic_savefig", "atomic_write_text", "fmt", "load_data", "new_figure", "new_figure_row", "train_record"]
-
-
-def _jsonable(obj):
-    """Convert NumPy scalars/arrays and non-finite floats for JSON (inf -> "inf")."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return v
-    return obj
 
 
 def md_cell(text) -> str:
@@ -258,7 +237,7 @@ class Run:
             "checks": [asdict(c) for c in self.checks],
             "figures": [{"file": f, "caption": c} for f, c in self.figures],
         }
-        atomic_write_text(self.results_path, json.dumps(_jsonable(payload), indent=2))
+        atomic_write_text(self.results_path, json.dumps(_jsonable(payload), indent=2, allow_nan=False))
 
     def report_markdown(self) -> str:
         lines = [f"# {self.title}", "", f"Settings: mode `{self.args.mode}`, seed {self.args.seed}, data `{self.args.data}`."]
