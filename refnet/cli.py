@@ -94,6 +94,23 @@ def _float_in(lo: float | None = None, hi: float | None = None, lo_open=False, h
     return parse
 
 
+def _lr_phases(text: str) -> list:
+    """``STEP:LR[,STEP:LR...]``: from step STEP on, the learning rate LR (steps increasing, > 1)."""
+    phases = []
+    for part in text.split(","):
+        step, sep, rate = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            step_i, rate_f = int(step), float(rate)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected STEP:LR pairs separated by commas (e.g. 5001:0.01,7501:0.001), got {text!r}") from None
+        if step_i < 2 or not rate_f > 0 or (phases and step_i <= phases[-1][0]):
+            raise argparse.ArgumentTypeError(f"steps must increase from 2 on and learning rates be > 0, got {text!r}")
+        phases.append((step_i, rate_f))
+    return phases
+
+
 def _init_name(text: str) -> str:
     from ._checks import check_choice
     from .init import INIT_NAMES
@@ -147,6 +164,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_int_at_least(1), default=2000, help="SGD steps (default 2000)")
     g.add_argument("--lr", type=_float_in(0.0, lo_open=True), default=0.1, help="learning rate (default 0.1)")
+    g.add_argument("--lr-decay", type=_lr_phases, default=None, metavar="STEP:LR,...",
+                   help="later phases of a piecewise-constant schedule, e.g. 1001:0.01,1501:0.001 "
+                   "(--lr until the first; momentum carries over)")
     g.add_argument("--batch-size", type=_int_at_least(1), default=100, help="mini-batch size (default 100)")
     g.add_argument("--momentum", type=_float_in(0.0, 1.0, hi_open=True), default=0.0, help="heavy-ball momentum (default 0)")
     g.add_argument("--weight-decay", type=_float_in(0.0), default=0.0,
@@ -182,7 +202,8 @@ def _run_train(args: argparse.Namespace) -> int:
     say(f"data: {args.data}  train {X.shape}  test {X_test.shape}  ({t_load:.1f}s to load)")
     say(f"arch: {args.arch}  init: {args.init}" + "".join(f"  {k}={v:g}" for k, v in init_kwargs.items()))
     say(net.summary())
-    say(f"training: {args.steps} steps, lr {args.lr:g}, batch {args.batch_size}, momentum {args.momentum:g}, "
+    decay = "".join(f", then {r:g} from step {st}" for st, r in args.lr_decay or [])
+    say(f"training: {args.steps} steps, lr {args.lr:g}{decay}, batch {args.batch_size}, momentum {args.momentum:g}, "
         f"weight decay {args.weight_decay:g}, seed {args.seed}")
     sys.stdout.flush()
 
@@ -208,7 +229,8 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         hist = train(
             net, X, y,
-            steps=args.steps, lr=args.lr, batch_size=args.batch_size, momentum=args.momentum,
+            steps=args.steps, lr=[(1, args.lr), *args.lr_decay] if args.lr_decay else args.lr,
+            batch_size=args.batch_size, momentum=args.momentum,
             weight_decay=args.weight_decay, seed=args.seed,
             X_test=X_test, y_test=y_test, eval_every=args.eval_every,
             progress=False if args.quiet else None, callback=callback,

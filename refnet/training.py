@@ -23,6 +23,7 @@ seed gives bitwise identical parameters on every run.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -70,7 +71,8 @@ class History:
     elapsed : list of float
         Seconds since the start of training (evaluation time included).
 
-    Settings: ``n_steps`` (steps asked for), ``lr``, ``momentum``, ``weight_decay``,
+    Settings: ``n_steps`` (steps asked for), ``lr`` (the first step's), ``lr_schedule`` (the
+    ``[first_step, lr]`` phases of a schedule, or None for a constant lr), ``momentum``, ``weight_decay``,
     ``batch_size``, ``loss`` (name), ``seed`` (int, or None for a Generator), ``n_train``,
     ``n_test``, ``eval_every``. State: ``status`` is "running", "completed", "stopped" (the
     callback asked to stop), "diverged" (non-finite loss; ``error`` says where), "interrupted"
@@ -81,6 +83,7 @@ class History:
 
     n_steps: int = 0
     lr: float = 0.0
+    lr_schedule: list | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 0
@@ -292,6 +295,28 @@ def _evaluate(net: Network, X, y, loss_fn, step: int, what: str, batch_size: int
 # ============================================================================================
 
 
+def _check_lr(lr, steps: int) -> list:
+    """``lr`` as schedule phases ``[(first_step, lr), ...]`` (one phase for a constant)."""
+    if isinstance(lr, (list, tuple)):
+        if not lr:
+            raise ValueError("lr must be a positive float or a non-empty list of (first_step, lr) pairs, got []")
+        phases = []
+        for i, item in enumerate(lr):
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ValueError(f"lr[{i}] must be a (first_step, lr) pair, got {item!r}")
+            first = check_int(item[0], f"lr[{i}][0] (first step)", min_value=1)
+            if first > steps:
+                raise ValueError(f"lr[{i}][0] (first step) must be <= steps ({steps}), got {first}")
+            rate = check_float(item[1], f"lr[{i}][1] (learning rate)", min_value=0.0, min_inclusive=False)
+            if phases and first <= phases[-1][0]:
+                raise ValueError(f"lr: the first steps of the phases must increase, got {phases[-1][0]} then {first}")
+            phases.append((first, rate))
+        if phases[0][0] != 1:
+            raise ValueError(f"lr: the first phase must start at step 1, got {phases[0][0]}")
+        return phases
+    return [(1, check_float(lr, "lr", min_value=0.0, min_inclusive=False))]
+
+
 def train(
     net: Network,
     X,
@@ -332,8 +357,12 @@ def train(
     y : ndarray, shape (n,) int labels in ``[0, n_classes)``, or (n, n_classes) float targets
     steps : int >= 1
         Optimiser steps (mini-batches).
-    lr : float > 0
-        Learning rate ``eta`` (constant).
+    lr : float > 0, or a schedule
+        Learning rate ``eta``: a constant, or piecewise-constant phases as a list of
+        ``(first_step, lr)`` pairs with strictly increasing first steps, the first of them 1
+        (``[(1, 0.1), (5001, 0.01)]``: 0.1 for steps 1-5000, then 0.01). The momentum buffer
+        ``v`` carries over from one phase to the next (chaining ``train`` calls would restart it
+        and the epoch order).
     batch_size : int, 1 <= batch_size <= n
     momentum : float in [0, 1)
         ``mu``; 0 is plain SGD.
@@ -385,7 +414,7 @@ def train(
     X, y = _check_targets(net, X, y, "X", "y")
     n = X.shape[0]
     steps = check_int(steps, "steps", min_value=1)
-    lr = check_float(lr, "lr", min_value=0.0, min_inclusive=False)
+    phases = _check_lr(lr, steps)  # [(first_step, lr), ...]
     batch_size = check_int(batch_size, "batch_size", min_value=1)
     if batch_size > n:
         raise ValueError(f"batch_size must be <= the number of training examples ({n}), got {batch_size}")
@@ -423,7 +452,8 @@ def train(
 
     hist = History(
         n_steps=steps,
-        lr=lr,
+        lr=phases[0][1],
+        lr_schedule=[[s0, r] for s0, r in phases] if len(phases) > 1 else None,
         momentum=momentum,
         weight_decay=weight_decay,
         batch_size=batch_size,
@@ -474,8 +504,10 @@ def train(
         loss_sum, loss_count = 0.0, 0
         save()
 
+    starts = [s0 for s0, _ in phases]
     try:
         for step in range(1, steps + 1):
+            lr = phases[bisect.bisect_right(starts, step) - 1][1]  # this step's phase
             j = (step - 1) % per_epoch
             if j == 0:
                 order = rng.permutation(n)

@@ -289,3 +289,27 @@ def test_bench_engine_runs_from_the_cli_and_writes_json(tmp_path, capsys):
     assert any(r["case"].startswith("SNIP") and r["impl"] == "refnet" for r in payload["results"])
     assert main(["bench", "nonsense"]) == 2  # an unknown suite: a usage error
     assert "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def test_train_lr_decay_is_one_run_with_a_schedule(tmp_path, capsys):
+    # planted bug seen failing: --lr-decay parsed but not passed to train()
+    out = tmp_path / "decay"
+    argv = ["train", *TINY, "--momentum", "0.9", "--lr-decay", "21:0.01,31:0.001", "--out", str(out), "--seed", "2"]
+    assert main(argv) == 0
+    assert "lr 0.1, then 0.01 from step 21, then 0.001 from step 31" in capsys.readouterr().out
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["lr_schedule"] == [[1, 0.1], [21, 0.01], [31, 0.001]]
+    # the same run from Python
+    X, y = data.load("synthetic", split="train")
+    from refnet.training import train
+
+    net = build("mlp-3-tanh-w16", X.shape[1:], 4, init="orthogonal", seed=2)
+    train(net, X, y, steps=40, lr=[(1, 0.1), (21, 0.01), (31, 0.001)], momentum=0.9, seed=2, progress=False)
+    saved = load_network(out / "net.npz")
+    for p, q in zip(saved.params, net.params):
+        for k in p:
+            np.testing.assert_array_equal(p[k], q[k])
+    assert main(["train", *TINY, "--lr-decay", "21-0.01", "--out", str(tmp_path / "bad")]) == 2
+    assert "--lr-decay" in capsys.readouterr().err
+    assert main(["train", *TINY, "--lr-decay", "41:0.01", "--out", str(tmp_path / "bad2")]) == 2
+    assert "must be <= steps (40)" in capsys.readouterr().err

@@ -115,6 +115,41 @@ def test_momentum_update_by_hand(synth, momentum):
             np.testing.assert_allclose(pa[k], pb[k], rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_lr_schedule_by_hand_keeps_momentum_across_phases(synth, momentum, tmp_path):
+    # planted bugs seen failing: the phase looked up one step late (bisect_left); the velocity
+    # reset at a phase change (as chaining train() calls does)
+    X, y, _, _ = synth
+    X, y = X[:90], y[:90]
+    schedule, wd, bs, seed = [(1, 0.05), (3, 0.02), (5, 0.005)], 0.01, 40, 3
+    net = small_net(seed=2)
+    ref = net.copy()
+    hist = train(net, X, y, steps=6, lr=schedule, batch_size=bs, momentum=momentum, weight_decay=wd, seed=seed,
+                 history_path=tmp_path / "h.json")
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(90) for _ in range(3)]  # 2 batches per epoch
+    batches = [p[a:a + 40] for p in perms for a in (0, 40)]
+    rates = [0.05, 0.05, 0.02, 0.02, 0.005, 0.005]
+    v = [{k: np.zeros_like(a) for k, a in p.items()} for p in ref.params]
+    for idx, lr in zip(batches, rates):
+        _, g = ref.loss_and_grads(X[idx], y[idx], weight_decay=wd)
+        for l, p in enumerate(ref.params):
+            for k in p:
+                v[l][k] = momentum * v[l][k] + g[l][k]
+                p[k] = p[k] - lr * v[l][k]
+    for pa, pb in zip(net.params, ref.params):
+        for k in pa:
+            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-13, atol=1e-15)
+    assert hist.lr == 0.05 and hist.lr_schedule == [[1, 0.05], [3, 0.02], [5, 0.005]]
+    assert load_history(tmp_path / "h.json").lr_schedule == hist.lr_schedule  # round trip
+    # one phase is the constant lr, bit for bit, and records no schedule
+    a, b = small_net(seed=2), small_net(seed=2)
+    ha = train(a, X, y, steps=4, lr=[(1, 0.05)], batch_size=bs, momentum=momentum, seed=seed)
+    train(b, X, y, steps=4, lr=0.05, batch_size=bs, momentum=momentum, seed=seed)
+    assert_params_equal(a.params, b.params)
+    assert ha.lr_schedule is None
+
+
 def test_weight_decay_gradient_matches_finite_differences(synth):
     # the objective train() descends: loss + wd * sum ||mask*W||^2 (biases excluded).
     # planted bugs seen failing: the penalty gradient halved (monkeypatched into Network by a
@@ -214,6 +249,13 @@ BAD = [
     (dict(y="out-of-range"), ValueError, "y"),
     (dict(y="float"), TypeError, "y"),
     (dict(meta={"a": object()}), ValueError, "meta"),
+    (dict(lr=[]), ValueError, "lr"),
+    (dict(lr=[(2, 0.1)]), ValueError, "lr: the first phase must start at step 1"),
+    (dict(lr=[(1, 0.1), (1, 0.01)]), ValueError, "lr: the first steps of the phases must increase"),
+    (dict(lr=[(1, 0.1), (9, 0.01)]), ValueError, "lr[1][0] (first step) must be <= steps (5)"),
+    (dict(lr=[(1, 0.1), (3, 0.0)]), ValueError, "lr[1][1] (learning rate)"),
+    (dict(lr=[(1, 0.1, 2)]), ValueError, "lr[0] must be a (first_step, lr) pair"),
+    (dict(lr=[(1.5, 0.1)]), TypeError, "lr[0][0] (first step)"),
 ]
 
 
