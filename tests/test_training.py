@@ -89,6 +89,17 @@ def test_deterministic_for_a_seed(synth):
 # --------------------------------------------------------------------------------------------
 
 
+def sgd_by_hand(net, X, y, batches, rates, momentum, wd):
+    """Heavy-ball SGD written out: v = mu v + g, W = W - lr v, one (batch, lr) per step."""
+    v = [{k: np.zeros_like(a) for k, a in p.items()} for p in net.params]
+    for idx, lr in zip(batches, rates):
+        _, g = net.loss_and_grads(X[idx], y[idx], weight_decay=wd)
+        for l, p in enumerate(net.params):
+            for k in p:
+                v[l][k] = momentum * v[l][k] + g[l][k]
+                p[k] = p[k] - lr * v[l][k]
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_momentum_update_by_hand(synth, momentum):
     # planted bug seen failing: `v = momentum * v + (1 - momentum) * g`; and reusing one
@@ -103,13 +114,7 @@ def test_momentum_update_by_hand(synth, momentum):
     rng = np.random.default_rng(seed)
     perm1, perm2 = rng.permutation(90), rng.permutation(90)  # 2 full batches per epoch
     batches = [perm1[:40], perm1[40:80], perm2[:40]]
-    v = [{k: np.zeros_like(a) for k, a in p.items()} for p in ref.params]
-    for idx in batches:
-        _, g = ref.loss_and_grads(X[idx], y[idx], weight_decay=wd)
-        for l, p in enumerate(ref.params):
-            for k in p:
-                v[l][k] = momentum * v[l][k] + g[l][k]
-                p[k] = p[k] - lr * v[l][k]
+    sgd_by_hand(ref, X, y, batches, [lr] * 3, momentum, wd)
     for pa, pb in zip(net.params, ref.params):
         for k in pa:
             np.testing.assert_allclose(pa[k], pb[k], rtol=1e-13, atol=1e-15)
@@ -129,14 +134,7 @@ def test_lr_schedule_by_hand_keeps_momentum_across_phases(synth, momentum, tmp_p
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(90) for _ in range(3)]  # 2 batches per epoch
     batches = [p[a:a + 40] for p in perms for a in (0, 40)]
-    rates = [0.05, 0.05, 0.02, 0.02, 0.005, 0.005]
-    v = [{k: np.zeros_like(a) for k, a in p.items()} for p in ref.params]
-    for idx, lr in zip(batches, rates):
-        _, g = ref.loss_and_grads(X[idx], y[idx], weight_decay=wd)
-        for l, p in enumerate(ref.params):
-            for k in p:
-                v[l][k] = momentum * v[l][k] + g[l][k]
-                p[k] = p[k] - lr * v[l][k]
+    sgd_by_hand(ref, X, y, batches, [0.05, 0.05, 0.02, 0.02, 0.005, 0.005], momentum, wd)
     for pa, pb in zip(net.params, ref.params):
         for k in pa:
             np.testing.assert_allclose(pa[k], pb[k], rtol=1e-13, atol=1e-15)
