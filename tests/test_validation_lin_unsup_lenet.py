@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from refnet.validation import common, lenet, linear_vs_tanh, unsupervised
+from tiny_runs import HEADER
+from tiny_runs import run_tiny as _run
 
 SCRIPTS = [linear_vs_tanh, unsupervised, lenet]
-HEADER = "| check | paper | refnet | agreement criterion | holds? |"
 
 
 @pytest.fixture(autouse=True)
@@ -26,10 +27,6 @@ def _one_blas_thread():
         return
     with threadpool_limits(limits=1):
         yield
-
-
-def _run(mod, out):
-    return mod.main(["--tiny", "--out", str(out), "--no-progress"])
 
 
 @pytest.mark.parametrize("mod", SCRIPTS, ids=lambda m: m.NAME)

@@ -1,7 +1,6 @@
 """The validation scripts sg_gamma and trainability: a --tiny run writes its report, results and
 figures; a rerun resumes every unit instead of recomputing it; the helpers judge correctly."""
 
-import json
 import math
 
 import pytest
@@ -10,28 +9,14 @@ pytest.importorskip("matplotlib")
 
 from refnet.validation import sg_gamma, trainability  # noqa: E402
 
-HEADER = "| check | paper | refnet | agreement criterion | holds? |"
-
-
-def _run(module, out):
-    return module.main(["--tiny", "--out", str(out), "--no-progress"])
+from tiny_runs import HEADER, outputs as _outputs, run_tiny as _run  # noqa: E402
+from tiny_runs import run_all  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_out(tmp_path_factory):
     """One --tiny run of each script (module scope: each runs once for all the tests here)."""
-    out = tmp_path_factory.mktemp("validation-tiny")
-    with pytest.MonkeyPatch.context() as mp:  # keep the data cache out of the home folder
-        mp.setenv("REFNET_CACHE_DIR", str(out / "refnet-cache"))
-        rcs = {m.NAME: _run(m, out) for m in (sg_gamma, trainability)}
-    return out, rcs
-
-
-def _outputs(out, name):
-    d = out / name
-    res = json.loads((d / "results.json").read_text())
-    report = (d / "report.md").read_text()
-    return d, res, report
+    return run_all(tmp_path_factory, (sg_gamma, trainability), "validation-tiny")
 
 
 def _forbid(monkeypatch, module, names):

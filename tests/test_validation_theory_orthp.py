@@ -6,32 +6,21 @@ Seen failing on planted bugs: the planted sampler drawing variance 1/N (planted 
 with 2/N instead of 2/N^2 (K = 1 no longer gives the Wishart value).
 """
 
-import json
 
 import pytest
 
 from refnet.validation import common, orthp, theory
-
-HEADER = "| check | paper | refnet | agreement criterion | holds? |"
-
-
-def _run(module, out):
-    return module.main(["--tiny", "--out", str(out), "--no-progress"])
-
+from tiny_runs import HEADER, outputs, run_all
+from tiny_runs import run_tiny as _run
 
 @pytest.fixture(scope="module")
 def tiny_out(tmp_path_factory):
     """One --tiny run of each script (module scope: each runs once for all the tests here)."""
-    out = tmp_path_factory.mktemp("validation-theory-orthp")
-    with pytest.MonkeyPatch.context() as mp:  # keep the data cache out of the home folder
-        mp.setenv("REFNET_CACHE_DIR", str(out / "refnet-cache"))
-        rcs = {m.NAME: _run(m, out) for m in (theory, orthp)}
-    return out, rcs
+    return run_all(tmp_path_factory, (theory, orthp), "validation-theory-orthp")
 
 
 def _outputs(out, name):
-    d = out / name
-    return json.loads((d / "results.json").read_text()), (d / "report.md").read_text()
+    return outputs(out, name)[1:]  # (results, report)
 
 
 @pytest.mark.parametrize("module", [theory, orthp], ids=["theory", "orthp"])
