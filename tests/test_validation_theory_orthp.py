@@ -6,12 +6,12 @@ Seen failing on planted bugs: the planted sampler drawing variance 1/N (planted 
 with 2/N instead of 2/N^2 (K = 1 no longer gives the Wishart value).
 """
 
-
 import pytest
 
 from refnet.validation import common, orthp, theory
 from tiny_runs import HEADER, outputs, run_all
 from tiny_runs import run_tiny as _run
+
 
 @pytest.fixture(scope="module")
 def tiny_out(tmp_path_factory):
