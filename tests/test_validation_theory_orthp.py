@@ -98,3 +98,18 @@ def test_orthp_tiny_pipeline(tiny_out):
     assert prune["widths"] == [20] * 6 + [10]
     assert prune["L1+OrthP"]["jsv"]["max_abs_sv_minus_1"] <= 1e-12
     assert "1024-20-20-20-20-20-20-10" in report
+
+
+def test_load_train_test_holds_out_a_tenth_of_full_mnist(monkeypatch):
+    # planted bug seen failing: the hold-out applied to an explicit n_train
+    import numpy as np
+
+    sizes = {"train": 60_000, "test": 10_000}
+    monkeypatch.setattr(common, "load_data", lambda args, split: (np.zeros((sizes[split], 2)), np.arange(sizes[split])))
+    X, y, Xt, yt = common.load_train_test(None)
+    assert X.shape[0] == 54_000 and y[-1] == 53_999 and Xt.shape[0] == 10_000
+    assert common.load_train_test(None, hold_out=False)[0].shape[0] == 60_000
+    X, y, Xt, yt = common.load_train_test(None, 58_000, 500)
+    assert X.shape[0] == 58_000 and Xt.shape[0] == yt.shape[0] == 500
+    sizes["train"] = 4_000  # mnist5k: nothing held out
+    assert common.load_train_test(None)[0].shape[0] == 4_000

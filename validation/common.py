@@ -126,6 +126,21 @@ def load_data(args, split: str, flatten: bool = True):
     return data.load(args.data, split=split, data_dir=args.data_dir, flatten=flatten)
 
 
+def load_train_test(args, n_train=None, n_test=None, *, hold_out: bool = True):
+    """``(X, y, X_test, y_test)`` of --data/--data-dir, cut to ``n_train`` / ``n_test`` rows when
+    given. With ``hold_out`` and no ``n_train``, full MNIST's 60,000 training images lose the
+    last 6,000: the SPP code holds 10% of the training split out."""
+    X, y = load_data(args, "train")
+    Xt, yt = load_data(args, "test")
+    if n_train is None and hold_out and X.shape[0] == 60_000:
+        n_train = 54_000
+    if n_train is not None:
+        X, y = X[:n_train], y[:n_train]
+    if n_test is not None:
+        Xt, yt = Xt[:n_test], yt[:n_test]
+    return X, y, Xt, yt
+
+
 def _code_fingerprint(name: str) -> str:
     """SHA-1 of the script's source and refnet's version: results of other code are not resumed."""
     import hashlib

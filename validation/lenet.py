@@ -56,7 +56,7 @@ import refnet
 from refnet import data as rdata
 from refnet import pruning
 
-from .common import Run, atomic_savefig, fmt, load_data, new_figure_row, parse_args
+from .common import Run, atomic_savefig, fmt, load_train_test, new_figure_row, parse_args
 
 NAME = "lenet"
 TITLE = "SNIP: LeNet-300-100 at 95% and 98% sparsity, and the first-layer mask"
@@ -99,12 +99,7 @@ def _setup(args):
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         cfg["n_seeds"] = args.seeds
-    X, y = load_data(args, "train")
-    Xt, yt = load_data(args, "test")
-    if cfg["n_train"] is not None:
-        X, y = X[: cfg["n_train"]], y[: cfg["n_train"]]
-    if cfg["n_test"] is not None:
-        Xt, yt = Xt[: cfg["n_test"]], yt[: cfg["n_test"]]
+    X, y, Xt, yt = load_train_test(args, cfg["n_train"], cfg["n_test"], hold_out=False)
     info = rdata.info(args.data)
     cfg["image_shape"] = tuple(info.image_shape[1:]) if info.image_shape[0] == 1 else None
     cfg["n_in"], cfg["n_classes"] = X.shape[1], int(max(y.max(), yt.max())) + 1

@@ -51,7 +51,7 @@ import numpy as np
 import refnet
 from refnet import pruning, spectrum
 
-from .common import Run, atomic_savefig, fmt, load_data, new_figure_row, parse_args, train_record
+from .common import Run, atomic_savefig, fmt, load_train_test, new_figure_row, parse_args, train_record
 
 NAME = "sg_gamma"
 TITLE = "SPP table: SG(gamma) initialisation, Jacobian singular values, CS layer sparsity and error (tanh MLP-7, 90% sparse)"
@@ -102,15 +102,7 @@ def _gkey(g: float) -> str:
 def _setup(args):
     """Training/test data and the settings of this mode."""
     cfg = dict(MODES[args.mode])
-    X, y = load_data(args, "train")
-    Xt, yt = load_data(args, "test")
-    n_train = cfg["n_train"]
-    if n_train is None and X.shape[0] == 60_000:
-        n_train = 54_000  # the paper holds 10% of MNIST's training split out
-    if n_train is not None:
-        X, y = X[:n_train], y[:n_train]
-    if cfg["n_test"] is not None:
-        Xt, yt = Xt[: cfg["n_test"]], yt[: cfg["n_test"]]
+    X, y, Xt, yt = load_train_test(args, cfg["n_train"], cfg["n_test"])  # full MNIST: 54,000 as the paper
     cfg["n_jsv"] = X.shape[0] if cfg["n_jsv"] is None else min(cfg["n_jsv"], X.shape[0])
     n_classes = int(max(y.max(), yt.max())) + 1
     cfg["sizes"] = [X.shape[1]] + [cfg["hidden"]] * 6 + [n_classes]

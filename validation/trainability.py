@@ -45,7 +45,7 @@ import numpy as np
 import refnet
 from refnet import isometry, pruning, spectrum
 
-from .common import Run, atomic_savefig, fmt, load_data, new_figure_row, parse_args
+from .common import Run, atomic_savefig, fmt, load_train_test, new_figure_row, parse_args
 
 NAME = "trainability"
 TITLE = "SPP figure: signal propagation (JSV mean) against sparsity for VS-CS, LDI-CS, LDI-CS-AI, LDI-Rand, and trainability at 90%"
@@ -84,13 +84,7 @@ AUC_STEPS = 1_000  # ... and the area under the first this many steps (and under
 
 def _setup(args):
     cfg = dict(MODES[args.mode])
-    X, y = load_data(args, "train")
-    Xt, yt = load_data(args, "test")
-    n_train = cfg["n_train"]
-    if n_train is None and X.shape[0] == 60_000:
-        n_train = 54_000  # the paper holds 10% of MNIST's training split out
-    if n_train is not None:
-        X, y = X[:n_train], y[:n_train]
+    X, y, Xt, yt = load_train_test(args, cfg["n_train"])  # full MNIST: 54,000 as the paper
     cfg["n_jsv"] = min(cfg["n_jsv"], X.shape[0])
     n_classes = int(max(y.max(), yt.max())) + 1
     cfg["sizes"] = [X.shape[1]] + [cfg["hidden"]] * 6 + [n_classes]

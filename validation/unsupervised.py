@@ -62,7 +62,7 @@ import refnet
 from refnet import pruning
 from refnet.losses import cross_entropy, log_softmax, softmax
 
-from .common import Run, atomic_savefig, load_data, new_figure_row, parse_args, train_record
+from .common import Run, atomic_savefig, load_train_test, new_figure_row, parse_args, train_record
 
 NAME = "unsupervised"
 TITLE = "SPP table: unsupervised pruning (GT, Pred.(raw), Pred.(softmax), Unif.) of tanh MLPs, K = 3, 5, 7, 90% sparse"
@@ -156,15 +156,7 @@ def _setup(args):
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         cfg["n_seeds"] = args.seeds
-    X, y = load_data(args, "train")
-    Xt, yt = load_data(args, "test")
-    n_train = cfg["n_train"]
-    if n_train is None and X.shape[0] == 60_000:
-        n_train = 54_000  # the SPP code holds 10% of MNIST's training split out
-    if n_train is not None:
-        X, y = X[:n_train], y[:n_train]
-    if cfg["n_test"] is not None:
-        Xt, yt = Xt[: cfg["n_test"]], yt[: cfg["n_test"]]
+    X, y, Xt, yt = load_train_test(args, cfg["n_train"], cfg["n_test"])  # full MNIST: 54,000 as the SPP code
     cfg["n_in"], cfg["n_classes"] = X.shape[1], int(max(y.max(), yt.max())) + 1
     cfg["seeds"] = [args.seed + i for i in range(cfg["n_seeds"])]
     return cfg, (X, y, Xt, yt)
