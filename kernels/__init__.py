@@ -384,8 +384,7 @@ def kth_largest(s, k: int, *, engine: str | None = None):
     """The ``k``-th largest entry of the 1-D array ``s`` (``1 <= k <= s.size``), exactly
     ``np.partition(s, s.size - k)[s.size - k]`` (NaN ranks largest): the threshold of a top-k
     pruning mask. The Numba engine selects by radix on the bit patterns of non-negative scores."""
-    _check_1d = getattr(s, "ndim", None)
-    if _check_1d != 1:
+    if getattr(s, "ndim", None) != 1:
         raise ValueError(f"s must be a 1-D array, got shape {getattr(s, 'shape', type(s).__name__)}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= s.shape[0]:
         raise ValueError(f"k must be an int in [1, {s.shape[0]}] (the size of s), got {k!r}")
