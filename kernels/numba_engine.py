@@ -39,7 +39,8 @@ kth_largest
     16 bits, then a partition of the entries sharing the winning digit).
 Threads
     Every parallel kernel has a serial twin compiled from the same source; ``threads=1`` (what
-    the automatic engine passes for small work) runs the twins and never touches the pool.
+    the automatic engine passes for masked products, and for isometry steps below
+    ``MIN_THREADED_ISOMETRY``) runs the twins and never touches the pool.
 batched_matmul
     NumPy's ``matmul`` (one BLAS gemm per matrix) on chunks of the stack in the same pool: a
     Numba triple loop loses to BLAS per matrix (2.0x slower than ``np.matmul`` on 100 stacked
@@ -128,10 +129,11 @@ def _row_axpy(vals, by_col, indices, k0, k1, xT, acc):  # pragma: no cover - com
     """acc[:] = sum_{k0 <= k < k1} v_k * xT[indices[k], :], added in order of k, with v_k from
     :func:`_val` (``by_col``: read from a row of W; else the gathered values).
 
-    Up to four entries per pass over ``acc``, each lane still adding them one after another
-    (the rounding of the plain loop): the first pass takes the ``(k1 - k0) % 4`` odd entries
-    (four when none) and starts from zero, the others take four. One entry per pass made the
-    kernel load/store bound (N=4096 B=256 float64, 95% sparse: 59 -> 34 ms)."""
+    Several entries per pass over ``acc``, each lane still adding them one after another (the
+    rounding of the plain loop): the first pass takes the ``(k1 - k0) % 4`` odd entries (four
+    when none) and starts from zero, the others take eight while eight are left, then four. One
+    entry per pass made the kernel load/store bound (N=4096 B=256 float64, 95% sparse: 59 ->
+    34 ms with four, 33 ms with eight)."""
     L = acc.shape[0]
     n = k1 - k0
     r = n % 4
