@@ -182,16 +182,15 @@ def _float_arrays(*arrays) -> bool:
     return all(getattr(a, "dtype", None) is not None and a.dtype.kind == "f" and a.dtype.itemsize in (4, 8) for a in arrays)
 
 
-def _sparse_enough(W, mask, crossover) -> bool:
+def _large_masked(W, mask) -> bool:
+    """A NumPy mask on a NumPy weight of at least ``MIN_SPARSE_SIZE`` entries."""
     import numpy as np
 
-    return (
-        mask is not None
-        and isinstance(mask, np.ndarray)
-        and isinstance(W, np.ndarray)
-        and W.size >= MIN_SPARSE_SIZE
-        and 1.0 - mask_density(mask) >= crossover
-    )
+    return mask is not None and isinstance(mask, np.ndarray) and isinstance(W, np.ndarray) and W.size >= MIN_SPARSE_SIZE
+
+
+def _sparse_enough(W, mask, crossover) -> bool:
+    return _large_masked(W, mask) and 1.0 - mask_density(mask) >= crossover
 
 
 def _auto(kernel: str, args) -> str:
@@ -204,7 +203,7 @@ def _auto(kernel: str, args) -> str:
         # sparsity, below it BLAS on mask * W formed block by block (cheaper than NumPy's W * mask)
         x, W, mask = args
         big = getattr(x, "shape", (0,))[0] * getattr(W, "size", 0) >= MIN_SPARSE_WORK
-        return "numba" if big and _float_arrays(x, W) and _sparse_enough(W, mask, 0.0) else "numpy"
+        return "numba" if big and _float_arrays(x, W) and _large_masked(W, mask) else "numpy"
     if kernel == "isometry_step":
         V, mask = args
         return "numba" if _float_arrays(V) and _sparse_enough(V, mask, ISOMETRY_CROSSOVER) else "numpy"

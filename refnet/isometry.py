@@ -229,18 +229,21 @@ def isometry_value_and_grad(V, mask=None, *, squared: bool = False, gram: str = 
         sparse = mask is not None and _auto_sparse(mask)
     if sparse and mask is None:
         mask = np.ones(V.shape, dtype=bool)
-    sp_V = _SparseV(mask, side) if sparse else None
-    A = gram_residual(V, side)
-    norm = float(np.linalg.norm(A))
-    if squared:
-        scale = 4.0
-    elif norm > 0.0:
-        scale = 2.0 / norm
-    else:
+    norm, scale, g = _norm_scale_direction(V, side, mask, _SparseV(mask, side) if sparse else None, squared)
+    if g is None:  # ||A|| = 0 with the unsquared norm
         return 0.0, np.zeros_like(V)
-    g = _times_A(A, V, side, mask, sp_V)
     g *= scale
     return (norm * norm if squared else norm), g
+
+
+def _norm_scale_direction(V, side, mask, sparse, squared):
+    """``(||A||_F, scale, mask * (A V or V A))`` for one matrix; the gradient is ``scale`` times
+    the direction (``4`` squared, ``2 / ||A||_F`` otherwise). The direction is None when the
+    scale is 0 (unsquared norm at ``A = 0``, where refnet takes the gradient 0)."""
+    A = gram_residual(V, side)  # (r, r)
+    norm = float(np.linalg.norm(A))
+    scale = 4.0 if squared else (2.0 / norm if norm > 0.0 else 0.0)
+    return norm, scale, (_times_A(A, V, side, mask, sparse) if scale else None)
 
 
 def _check_layers(net: Network, layers) -> list[int]:
@@ -468,13 +471,8 @@ class _Stepper:
 
             V_new, n = kernels.isometry_step(V, self.mask, self.lr, self.squared, engine=self.engine, method=self.method)
             return n, V_new
-        A = gram_residual(V, self.side)  # (r, r)
-        n = float(np.linalg.norm(A))
-        scale = 4.0 if self.squared else (2.0 / n if n > 0.0 else 0.0)
-        if not scale:
-            return n, V.copy()
-        g = _times_A(A, V, self.side, self.mask, self._sp)  # (n_out, n_in), masked
-        return n, V - (self.lr * scale) * g
+        n, scale, g = _norm_scale_direction(V, self.side, self.mask, self._sp, self.squared)
+        return n, (V.copy() if g is None else V - (self.lr * scale) * g)
 
     def residual(self, V):
         return float(np.linalg.norm(gram_residual(V, self.side)))
