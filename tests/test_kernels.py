@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from refnet import kernels
 from refnet.kernels import _structure, _threads, _tuning, numpy_engine
 
+import fake_cupy
+
 HAVE_NUMBA = "numba" in kernels.available_engines()
 CPU_ENGINES = ["numpy"] + (["numba"] if HAVE_NUMBA else [])
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
@@ -627,7 +629,52 @@ def _gpu():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("method", ["dense", "csr"])
 def test_cupy_engine_matches_oracle(dtype, method):
-    cp = _gpu()
+    _check_cupy_engine(_gpu(), dtype, method)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("method", ["dense", "csr"])
+def test_cupy_engine_logic_on_a_numpy_stand_in(monkeypatch, dtype, method):
+    """The same checks with CuPy replaced by a NumPy stand-in (tests/fake_cupy.py): the engine's
+    own code runs everywhere; CuPy's and the GPU's part only in the test above."""
+    _check_cupy_engine(fake_cupy.install(monkeypatch), dtype, method)
+
+
+def test_the_cupy_stand_in_refuses_host_arrays(monkeypatch):
+    """The stand-in is as strict as CuPy about mixing host and device arrays (else the test
+    above could not catch an operand the engine forgot to move)."""
+    cp = fake_cupy.install(monkeypatch)
+    d, h = cp.asarray(np.ones((2, 2))), np.ones((2, 2))
+    for op in (lambda: d * h, lambda: h @ d, lambda: d - h):
+        with pytest.raises(TypeError, match="NumPy array"):
+            op()
+    assert isinstance(d * 2.0, cp.ndarray) and isinstance(d[0, 0], cp.ndarray) and d[0, 0].get() == 1.0
+    assert kernels.resolve_engine("masked_matmul", d, d, d) == "cupy"
+    assert isinstance(kernels.masked_matmul(d, d, d), cp.ndarray)  # device in, device out
+    assert type(kernels.masked_matmul(h, h, h, engine="cupy")) is np.ndarray  # host in, host out
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_approximate_isometry_runs_on_the_cupy_engine_stand_in(monkeypatch, sparse):
+    """The library's own path through the cupy engine (NumPy weights in, NumPy weights out):
+    8 steps equal the NumPy engine's to 1e-13 on tall, square and wide layers, 85% pruned."""
+    import refnet as rn
+    from refnet.isometry import approximate_isometry
+
+    fake_cupy.install(monkeypatch)
+    rng = np.random.default_rng(11)
+    net = rn.mlp([20, 30, 30, 12], activation="tanh", init="orthogonal", seed=4)
+    net = net.with_masks([{"W": rng.random(p["W"].shape) < 0.15} for p in net.params])
+    got, rep = approximate_isometry(net, steps=8, tol=0, engine="cupy", sparse=sparse, return_report=True)
+    want, rep_np = approximate_isometry(net, steps=8, tol=0, engine="numpy", sparse=sparse, return_report=True)
+    for p, q in zip(got.params, want.params):
+        assert type(p["W"]) is np.ndarray
+        np.testing.assert_allclose(p["W"], q["W"], rtol=0, atol=1e-13)
+    np.testing.assert_allclose([r["residual_after"] for r in rep["layers"]], [r["residual_after"] for r in rep_np["layers"]], rtol=1e-12)
+
+
+def _check_cupy_engine(cp, dtype, method):
+    """Every cupy-engine kernel against the oracle, on host and on device inputs."""
     rng = np.random.default_rng(6)
     tol = TOL[np.dtype(dtype)]
     for B, n_out, n_in, sparsity in ((0, 5, 4, 0.5), (1, 1, 1, 0.0), (7, 30, 50, 0.9), (9, 64, 33, 1.0)):
