@@ -21,16 +21,10 @@ __all__ = ["add_arguments", "run", "write_summary"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from refnet.validation import SCRIPTS
+    from refnet.validation.common import add_common_arguments
 
     p.add_argument("names", nargs="*", metavar="NAME", help=f"scripts to run (default: all): {', '.join(SCRIPTS)}")
-    p.add_argument("--quick", action="store_true", help="reduced runs (the README's main job; minutes)")
-    p.add_argument("--tiny", action="store_true", help="smoke-test runs (seconds; the numbers mean nothing)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--engine", default=None, help="kernel engine: numpy, numba or cupy")
-    p.add_argument("--data", default="mnist5k", help="data set (default mnist5k, embedded)")
-    p.add_argument("--data-dir", default=None, help="folder of MNIST / Fashion-MNIST IDX files")
-    p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
-    p.add_argument("--fresh", action="store_true", help="recompute instead of resuming earlier results")
+    add_common_arguments(p)  # --quick, --tiny, --seed, --engine, --data, --data-dir, --out, --fresh
     p.add_argument("--list", action="store_true", help="list the scripts and exit")
 
 

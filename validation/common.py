@@ -27,7 +27,7 @@ import numpy as np
 from refnet._io import atomic_savefig, atomic_write_text
 from refnet._io import jsonable as _jsonable  # NumPy values and non-finite floats ("inf") for strict JSON
 
-__all__ = ["Check", "Run", "parse_args", "atomic_savefig", "atomic_write_text", "fmt", "load_data", "new_figure", "new_figure_row", "train_record"]
+__all__ = ["Check", "Run", "add_common_arguments", "parse_args", "seeded_settings", "start", "unit_grid", "atomic_savefig", "atomic_write_text", "fmt", "load_data", "new_figure", "new_figure_row", "train_record"]
 
 
 def md_cell(text) -> str:
@@ -68,17 +68,23 @@ class Check:
     note: str = ""
 
 
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags shared by every script and ``refnet reproduce`` (which passes them on to each)."""
+    p.add_argument("--quick", action="store_true", help="a reduced run (minutes) that keeps the comparison meaningful")
+    p.add_argument("--tiny", action="store_true", help="a smoke-test run (seconds); numbers are not meaningful")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--engine", default=None, help="kernel engine: numpy, numba or cupy (default: automatic)")
+    p.add_argument("--data", default="mnist5k", help="data set: mnist5k (default, embedded), mnist, fashion-mnist, digits")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the MNIST / Fashion-MNIST IDX files (for --data mnist or fashion-mnist)")
+    p.add_argument("--out", default="runs/reproduce", help="output folder; each script writes OUT/<name>/ (default runs/reproduce)")
+    p.add_argument("--fresh", action="store_true", help="recompute instead of resuming earlier results")
+
+
 def parse_args(name: str, description: str, argv=None, add_arguments: Callable | None = None) -> argparse.Namespace:
     """The flags every script takes, plus the script's own (``add_arguments(parser)``)."""
     ap = argparse.ArgumentParser(prog=f"refnet reproduce {name}", description=description)
-    ap.add_argument("--quick", action="store_true", help="a reduced run (minutes) that keeps the comparison meaningful")
-    ap.add_argument("--tiny", action="store_true", help="a smoke-test run (seconds); numbers are not meaningful")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    ap.add_argument("--engine", default=None, help="kernel engine: numpy, numba or cupy (default: automatic)")
-    ap.add_argument("--data", default="mnist5k", help="data set: mnist5k (default, embedded), mnist, fashion-mnist, digits")
-    ap.add_argument("--data-dir", default=None, help="folder with the MNIST / Fashion-MNIST IDX files (for --data mnist)")
-    ap.add_argument("--out", default="runs/reproduce", help="output folder; the script writes OUT/<name>/ (default runs/reproduce)")
-    ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier run instead of resuming")
+    add_common_arguments(ap)
     ap.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress (default: when stderr is a terminal)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     if add_arguments is not None:
@@ -274,3 +280,37 @@ class Run:
         n_no = sum(c.holds is False for c in self.checks)
         print(f"{self.name}: {n_yes} checks hold, {n_no} do not; report: {self.dir / 'report.md'}")
         return 0
+
+
+def start(name: str, title: str, doc: str, argv, setup: Callable, add_arguments: Callable | None = None):
+    """The opening of a script's ``main``: parse the flags (the description is ``doc``'s first
+    line), open the :class:`Run` and call ``setup(args) -> (cfg, data)``. Returns
+    ``(run, cfg, data, progress)``; the flags are ``run.args``."""
+    args = parse_args(name, doc.splitlines()[0], argv, add_arguments)
+    run = Run(name, args, title)
+    cfg, data = setup(args)
+    return run, cfg, data, getattr(run, "_progress", False)
+
+
+def unit_grid(run: Run, seeds, items, unit_key: Callable[..., str], compute: Callable) -> dict:
+    """One :meth:`Run.unit` per seed (outer loop) and item (inner loop), in that order:
+    ``{(*item, seed): run.unit(unit_key(*item, seed), lambda: compute(*item, seed))}``. An item
+    that is not a tuple stands for the 1-tuple ``(item,)``."""
+    out = {}
+    for seed in seeds:
+        for item in items:
+            item = item if isinstance(item, tuple) else (item,)
+            out[(*item, seed)] = run.unit(unit_key(*item, seed), lambda item=item, seed=seed: compute(*item, seed))
+    return out
+
+
+def seeded_settings(args, modes: dict) -> dict:
+    """A copy of ``modes[args.mode]`` with the seeds to average over: ``n_seeds`` (the mode's, or
+    the script's ``--seeds N``, N >= 1) and ``seeds = [--seed, --seed + 1, ...]``."""
+    cfg = dict(modes[args.mode])
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        cfg["n_seeds"] = args.seeds
+    cfg["seeds"] = [args.seed + i for i in range(cfg["n_seeds"])]
+    return cfg

@@ -56,7 +56,7 @@ import refnet
 from refnet import data as rdata
 from refnet import pruning
 
-from .common import Run, atomic_savefig, fmt, load_train_test, new_figure_row, parse_args
+from .common import Run, atomic_savefig, fmt, load_train_test, new_figure_row, seeded_settings, start, unit_grid
 
 NAME = "lenet"
 TITLE = "SNIP: LeNet-300-100 at 95% and 98% sparsity, and the first-layer mask"
@@ -94,16 +94,11 @@ def _key(s) -> str:
 
 
 def _setup(args):
-    cfg = dict(MODES[args.mode])
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-        cfg["n_seeds"] = args.seeds
+    cfg = seeded_settings(args, MODES)  # with n_seeds and seeds
     X, y, Xt, yt = load_train_test(args, cfg["n_train"], cfg["n_test"], hold_out=False)
     info = rdata.info(args.data)
     cfg["image_shape"] = tuple(info.image_shape[1:]) if info.image_shape[0] == 1 else None
     cfg["n_in"], cfg["n_classes"] = X.shape[1], int(max(y.max(), yt.max())) + 1
-    cfg["seeds"] = [args.seed + i for i in range(cfg["n_seeds"])]
     cfg["eval_every"] = max(1, cfg["steps"] // N_CHECKPOINTS)
     # mean raw pixel intensity (0..1) over the training rows: "where the digits are"
     Xraw, _ = rdata.load(args.data, split="train", data_dir=args.data_dir, preprocess=False)
@@ -367,18 +362,12 @@ def _plot_curves(path, cfg, trained: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(NAME, __doc__.splitlines()[0], argv, _add_arguments)
-    run = Run(NAME, args, TITLE)
-    cfg, data = _setup(args)
-    progress = getattr(run, "_progress", False)
-    masks, trained = {}, {}
-    for seed in cfg["seeds"]:
-        for s in SPARSITIES:
-            masks[s, seed] = run.unit(f"mask/sparsity={s:g}/seed={seed}", lambda s=s, seed=seed: _mask_unit(cfg, data, s, seed))
-    for seed in cfg["seeds"]:
-        for s in (None,) + SPARSITIES:
-            trained[_key(s), seed] = run.unit(f"train/{_key(s)}/seed={seed}/steps={cfg['steps']}",
-                                              lambda s=s, seed=seed: _train_unit(cfg, data, s, seed, progress))
+    run, cfg, data, progress = start(NAME, TITLE, __doc__, argv, _setup, _add_arguments)
+    masks = unit_grid(run, cfg["seeds"], SPARSITIES, lambda s, seed: f"mask/sparsity={s:g}/seed={seed}",
+                      lambda s, seed: _mask_unit(cfg, data, s, seed))
+    sparsity = {_key(s): s for s in (None,) + SPARSITIES}  # "dense", "0.95", "0.98"
+    trained = unit_grid(run, cfg["seeds"], list(sparsity), lambda k, seed: f"train/{k}/seed={seed}/steps={cfg['steps']}",
+                        lambda k, seed: _train_unit(cfg, data, sparsity[k], seed, progress))
     E = _summary(cfg, trained)
     n_train = int(data[0].shape[0])
     _checks(run, cfg, E, masks, n_train)

@@ -62,7 +62,7 @@ import refnet
 from refnet import pruning
 from refnet.losses import cross_entropy, log_softmax, softmax
 
-from .common import Run, atomic_savefig, load_train_test, new_figure_row, parse_args, train_record
+from .common import Run, atomic_savefig, load_train_test, new_figure_row, seeded_settings, start, train_record, unit_grid
 
 NAME = "unsupervised"
 TITLE = "SPP table: unsupervised pruning (GT, Pred.(raw), Pred.(softmax), Unif.) of tanh MLPs, K = 3, 5, 7, 90% sparse"
@@ -151,14 +151,9 @@ def _add_arguments(p) -> None:
 
 
 def _setup(args):
-    cfg = dict(MODES[args.mode])
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-        cfg["n_seeds"] = args.seeds
+    cfg = seeded_settings(args, MODES)  # with n_seeds and seeds
     X, y, Xt, yt = load_train_test(args, cfg["n_train"], cfg["n_test"])  # full MNIST: 54,000 as the SPP code
     cfg["n_in"], cfg["n_classes"] = X.shape[1], int(max(y.max(), yt.max())) + 1
-    cfg["seeds"] = [args.seed + i for i in range(cfg["n_seeds"])]
     return cfg, (X, y, Xt, yt)
 
 
@@ -451,19 +446,12 @@ def _plot(path, cfg, E: dict, masks: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(NAME, __doc__.splitlines()[0], argv, _add_arguments)
-    run = Run(NAME, args, TITLE)
-    cfg, data = _setup(args)
-    progress = getattr(run, "_progress", False)
-    masks, trained = {}, {}
-    for s in cfg["seeds"]:
-        for K in DEPTHS:
-            masks[K, s] = run.unit(f"masks/K={K}/seed={s}", lambda K=K, s=s: _mask_unit(cfg, data, K, s))
-    for s in cfg["seeds"]:
-        for K in DEPTHS:
-            for key in cfg["trained"]:
-                trained[key, K, s] = run.unit(f"train/K={K}/{key}/seed={s}/steps={cfg['steps']}",
-                                              lambda K=K, key=key, s=s: _train_unit(cfg, data, K, key, s, progress))
+    run, cfg, data, progress = start(NAME, TITLE, __doc__, argv, _setup, _add_arguments)
+    masks = unit_grid(run, cfg["seeds"], DEPTHS, lambda K, s: f"masks/K={K}/seed={s}",
+                      lambda K, s: _mask_unit(cfg, data, K, s))
+    trained = unit_grid(run, cfg["seeds"], [(key, K) for K in DEPTHS for key in cfg["trained"]],
+                        lambda key, K, s: f"train/K={K}/{key}/seed={s}/steps={cfg['steps']}",
+                        lambda key, K, s: _train_unit(cfg, data, K, key, s, progress))
     E = _errors(cfg, trained)
     _checks(run, cfg, E, masks, int(data[0].shape[0]), int(data[2].shape[0]))
     _sections(run, cfg, E, masks, int(data[0].shape[0]))
