@@ -13,15 +13,18 @@ normals and ``E`` is the expectation over them.
 References
 ----------
 .. [P16] B. Poole, S. Lahiri, M. Raghu, J. Sohl-Dickstein, S. Ganguli, "Exponential
-   expressivity in deep neural networks through transient chaos", NeurIPS 2016,
-   arXiv:1606.05340.
+   expressivity in deep neural networks through transient chaos", Advances in Neural
+   Information Processing Systems 29 (NIPS 2016), pp. 3360-3368; arXiv:1606.05340.
 .. [S17] S. S. Schoenholz, J. Gilmer, S. Ganguli, J. Sohl-Dickstein, "Deep Information
-   Propagation", ICLR 2017, arXiv:1611.01232.
+   Propagation", ICLR 2017; arXiv:1611.01232.
 .. [PSG17] J. Pennington, S. S. Schoenholz, S. Ganguli, "Resurrecting the sigmoid in deep
-   learning through dynamical isometry: theory and practice", NeurIPS 2017, arXiv:1711.04735.
-.. [CS09] Y. Cho, L. K. Saul, "Kernel methods for deep learning", NeurIPS 2009.
-.. [W96] C. K. I. Williams, "Computing with infinite networks", NeurIPS 1996 (the arcsine
-   kernel of the erf network).
+   learning through dynamical isometry: theory and practice", Advances in Neural
+   Information Processing Systems 30 (NIPS 2017); arXiv:1711.04735.
+.. [CS09] Y. Cho, L. K. Saul, "Kernel methods for deep learning", Advances in Neural
+   Information Processing Systems 22 (NIPS 2009), pp. 342-350.
+.. [W96] C. K. I. Williams, "Computing with infinite networks", Advances in Neural
+   Information Processing Systems 9 (NIPS 1996), pp. 295-301 (the arcsine kernel of the
+   erf network).
 .. [PZ11] K. A. Penson, K. Zyczkowski, "Product of Ginibre matrices: Fuss-Catalan and Raney
    distributions", Phys. Rev. E 83, 061118 (2011), arXiv:1103.3453.
 
@@ -462,10 +465,10 @@ def length_map(q, sigma_w2, sigma_b2, activation, *, n_quad=_DEFAULT_N_QUAD):
 
     .. math:: q^{l} = \sigma_w^2 \, E_z\big[\phi(\sqrt{q^{l-1}}\, z)^2\big] + \sigma_b^2
 
-    ([P16] eq. (3); [S17] eq. (2)). Closed forms: ReLU ``sigma_w2 q / 2 + sigma_b2``; linear
-    ``sigma_w2 q + sigma_b2``; hard_tanh with ``a = 1/sqrt(q)``,
-    ``E[phi^2] = q (2 Phi(a) - 1) - 2 sqrt(q) pdf(a) + 2 Phi(-a)``. tanh and erf use the
-    composite quadrature of the module docstring.
+    (the length map of [P16]; the same recursion in [S17]). Closed forms: ReLU
+    ``sigma_w2 q / 2 + sigma_b2``; linear ``sigma_w2 q + sigma_b2``; hard_tanh with
+    ``a = 1/sqrt(q)``, ``E[phi^2] = q (2 Phi(a) - 1) - 2 sqrt(q) pdf(a) + 2 Phi(-a)``. tanh
+    and erf use the composite quadrature of the module docstring.
 
     Parameters
     ----------
@@ -504,10 +507,11 @@ def fixed_point_q(
 ):
     r"""The fixed point ``q*`` of the length map: ``q* = sigma_w2 E[phi(sqrt(q*) z)^2] + sigma_b2``.
 
-    ([P16] eq. (4), the "equilibrium length"; [S17] Sec. 2.) Found by iterating the length map
-    from ``q0`` (which selects the attracting fixed point, as a deep network does), then
-    polished to machine precision by a bracketing root finder (``scipy.optimize.brentq``); the
-    polish also finishes the job when ``max_iter`` iterations did not reach ``tol`` (slow
+    (The fixed point of the length map in [P16] and [S17]; [PSG17] Sec. 2.2 takes the
+    pre-activations at this fixed point.) Found by iterating the length map from ``q0``
+    (which selects the attracting fixed point, as a deep network does), then polished to
+    machine precision by a bracketing root finder (``scipy.optimize.brentq``); the polish
+    also finishes the job when ``max_iter`` iterations did not reach ``tol`` (slow
     convergence near ``chi_q = 1``).
 
     Closed forms for the unbounded activations, with slope ``a = sigma_w2 / 2`` (ReLU) or
@@ -596,11 +600,11 @@ def chi_1(sigma_w2, sigma_b2, activation, *, q=None, n_quad=_DEFAULT_N_QUAD):
 
     .. math:: \chi_1 = \sigma_w^2 \, E_z\big[\phi'(\sqrt{q^*}\, z)^2\big]
 
-    ([P16] eq. (7); [S17] eq. (5); [PSG17] Sec. 2, where it is called ``chi``.) At the
-    fixed point it is the slope of the correlation map at ``c = 1``,
-    ``chi_1 = d c^{l+1} / d c^l |_{c=1}``; ``chi_1 < 1`` is the ordered phase, ``chi_1 > 1``
-    the chaotic one. Closed forms: ReLU ``sigma_w2 / 2``; linear ``sigma_w2``; hard_tanh
-    ``sigma_w2 (2 Phi(1/sqrt(q)) - 1)``.
+    ([P16] and [S17], where its value 1 marks the order-to-chaos transition; [PSG17]
+    eq. (5), where it is called ``chi``.) At the fixed point it is the slope of the
+    correlation map at ``c = 1``, ``chi_1 = d c^{l+1} / d c^l |_{c=1}``; ``chi_1 < 1`` is
+    the ordered phase, ``chi_1 > 1`` the chaotic one. Closed forms: ReLU ``sigma_w2 / 2``;
+    linear ``sigma_w2``; hard_tanh ``sigma_w2 (2 Phi(1/sqrt(q)) - 1)``.
 
     Parameters
     ----------
@@ -627,7 +631,7 @@ def chi_q(sigma_w2, sigma_b2, activation, *, q=None, n_quad=_DEFAULT_N_QUAD):
               = \sigma_w^2 E_z\big[\phi'(u)^2 + \phi''(u)\phi(u)\big]
               = \chi_1 + \sigma_w^2 E_z[\phi''(u)\phi(u)],\quad u = \sqrt{q}\, z
 
-    ([S17] eq. (7)-(8), the argument of the logarithm in ``xi_q``; the middle equality is
+    ([S17], the argument of the logarithm in its depth scale ``xi_q``; the middle equality is
     Gaussian integration by parts.) For hard_tanh ``phi''`` is ``delta(u+1) - delta(u-1)``, so
     ``E[phi phi''] = -2 a pdf(a)`` with ``a = 1/sqrt(q)``; for ReLU and linear
     ``chi_q = chi_1``.
@@ -694,7 +698,7 @@ def correlation_map(c, sigma_w2, sigma_b2, activation, *, q=None, n_quad=_DEFAUL
     .. math:: c^{l+1} = \frac{\sigma_w^2\, E[\phi(u_1)\phi(u_2)] + \sigma_b^2}{q^{l+1}},\quad
               u_1 = \sqrt{q}\, z_1,\ u_2 = \sqrt{q}\,(c\, z_1 + \sqrt{1-c^2}\, z_2)
 
-    with ``q^{l+1} = length_map(q)`` ([P16] eq. (5); [S17] eq. (3)-(4)). At the default
+    with ``q^{l+1} = length_map(q)`` (the correlation map of [P16] and [S17]). At the default
     ``q = q*`` the denominator is ``q*`` itself, as in the papers; for another ``q`` it is the
     next layer's length, so ``c = 1`` always maps to 1. Closed forms: ReLU by the arc-cosine
     kernel [CS09], ``E[relu(u1) relu(u2)] = q/(2 pi) (sqrt(1-c^2) + (pi - arccos c) c)``;
@@ -745,7 +749,7 @@ def correlation_fixed_point(
 ):
     r"""The attracting fixed point ``c*`` of the correlation map.
 
-    ``c* = correlation_map(c*)`` ([P16] eq. (6), there ``rho*``; [S17] Sec. 2). ``c = 1`` is
+    ``c* = correlation_map(c*)`` ([P16]; [S17]). ``c = 1`` is
     always a fixed point; it attracts when its slope ``chi_1 <= 1`` (ordered phase and
     criticality), and then ``1.0`` is returned. In the chaotic phase (``chi_1 > 1``) ``c* < 1``
     is found by iterating the map from ``c0`` and polishing with ``scipy.optimize.brentq``
@@ -803,8 +807,8 @@ def chi_c(sigma_w2, sigma_b2, activation, *, c=None, q=None, n_quad=_DEFAULT_N_Q
     .. math:: \chi_c = \sigma_w^2 \, E[\phi'(u_1)\phi'(u_2)],\quad
               u_1 = \sqrt{q}\, z_1,\ u_2 = \sqrt{q}\,(c\, z_1 + \sqrt{1-c^2}\, z_2)
 
-    evaluated at ``c = c*`` ([S17] eq. (9), the argument of the logarithm in ``xi_c``). In the
-    ordered phase ``c* = 1`` and ``chi_c = chi_1``. At ``q = q*`` it equals
+    evaluated at ``c = c*`` ([S17], the argument of the logarithm in its depth scale ``xi_c``).
+    In the ordered phase ``c* = 1`` and ``chi_c = chi_1``. At ``q = q*`` it equals
     ``d c^{l+1} / d c^l`` at ``c`` (Price's theorem). Closed forms: ReLU
     ``sigma_w2 (pi - arccos c) / (2 pi)`` [CS09]; linear ``sigma_w2``.
 
@@ -849,9 +853,9 @@ def xi_q(sigma_w2, sigma_b2, activation, *, q=None, n_quad=_DEFAULT_N_QUAD):
     .. math:: \xi_q^{-1} = -\log\Big(\chi_1 + \sigma_w^2 \int Dz\, \phi''(\sqrt{q^*} z)\,
               \phi(\sqrt{q^*} z)\Big) = -\log \chi_q
 
-    ([S17] eq. (7)-(8).) Returns ``inf`` when ``|chi_q - 1| <= 16 eps`` and a negative number
-    when ``chi_q > 1`` (an unstable ``q`` passed explicitly: the depth over which a deviation
-    grows by ``e``).
+    ([S17], the depth scale ``xi_q``.) Returns ``inf`` when ``|chi_q - 1| <= 16 eps`` and a
+    negative number when ``chi_q > 1`` (an unstable ``q`` passed explicitly: the depth over
+    which a deviation grows by ``e``).
 
     Parameters
     ----------
@@ -876,8 +880,8 @@ def xi_c(sigma_w2, sigma_b2, activation, *, q=None, n_quad=_DEFAULT_N_QUAD):
     .. math:: \xi_c^{-1} = -\log\Big(\sigma_w^2 \int Dz_1 Dz_2\, \phi'(u_1^*)\phi'(u_2^*)\Big)
               = -\log \chi_c
 
-    with ``u1*, u2*`` at ``(q*, c*)`` ([S17] eq. (9)). In the ordered phase ``c* = 1`` and
-    this is ``-1 / log(chi_1)``; it diverges (``inf`` is returned, for
+    with ``u1*, u2*`` at ``(q*, c*)`` ([S17], the depth scale ``xi_c``). In the ordered phase
+    ``c* = 1`` and this is ``-1 / log(chi_1)``; it diverges (``inf`` is returned, for
     ``|chi_c - 1| <= 16 eps``) at the order-to-chaos transition ``chi_1 = 1``.
 
     Parameters
@@ -903,10 +907,11 @@ def critical_sigma_w2(sigma_b2, activation, *, n_quad=_DEFAULT_N_QUAD):
     .. math:: \sigma_w^2\, E_z\big[\phi'(\sqrt{q^*} z)^2\big] = 1,\qquad
               q^* = \sigma_w^2 E_z[\phi(\sqrt{q^*} z)^2] + \sigma_b^2
 
-    ([P16] Fig. 2 and eq. (7); [S17] Sec. 3.) Solved by ``scipy.optimize.brentq`` in
-    ``sigma_w2``, starting from ``1 / sup phi'^2`` (where ``chi_1 <= 1``), with ``q*`` solved
-    afresh at each trial value. With ``sigma_b2 = 0`` the line starts at
-    ``1 / phi'(0)^2`` (1 for tanh and hard_tanh, ``pi / 4`` for erf).
+    (The order-to-chaos transition of [P16] and [S17] in the ``(sigma_w^2, sigma_b^2)``
+    plane.) Solved by ``scipy.optimize.brentq`` in ``sigma_w2``, starting from
+    ``1 / sup phi'^2`` (where ``chi_1 <= 1``), with ``q*`` solved afresh at each trial value.
+    With ``sigma_b2 = 0`` the line starts at ``1 / phi'(0)^2`` (1 for tanh and hard_tanh,
+    ``pi / 4`` for erf).
 
     ReLU: ``chi_1 = sigma_w2 / 2`` whatever ``q``, so 2.0 is returned; note that for
     ``sigma_b2 > 0`` ``q*`` diverges as ``sigma_w2 -> 2``, so only ``(2, 0)`` is a critical
@@ -963,7 +968,8 @@ def fuss_catalan_moments(K, n_moments):
     .. math:: m_k = \lim_{N\to\infty} E\,\tfrac1N \operatorname{tr} (M M^T)^k
               = \mathrm{FC}_K(k) = \frac{1}{K k + 1}\binom{(K+1)k}{k},
 
-    the Fuss-Catalan numbers ``FC_s(k)`` of [PZ11] (Sec. I-II; their ``s`` is our ``K``).
+    the Fuss-Catalan numbers ``FC_s(k)`` of [PZ11] (their order ``s``, the number of Ginibre
+    factors, is our ``K``).
     ``K = 1`` gives the Catalan numbers 1, 2, 5, 14, 42 (Marchenko-Pastur), ``K = 0`` the
     identity (all moments 1).
 
@@ -992,8 +998,9 @@ def fuss_catalan_mellin(K, s):
     .. math:: E[x^s] = \int x^s P_K(x)\, dx
               = \frac{\Gamma((K+1)s + 1)}{\Gamma(s + 1)\,\Gamma(K s + 2)}
 
-    the Mellin transform of the Fuss-Catalan density ``P_K`` ([PZ11] Sec. II, whose
-    inversion gives ``P_K`` as a Meijer G-function). At integer ``s = k`` it is
+    the Mellin transform of the Fuss-Catalan density ``P_K`` ([PZ11], which works through
+    the Mellin transform and the Meijer G-function to write ``P_K`` as a combination of
+    ``K`` hypergeometric functions ``{}_K F_{K-1}``). At integer ``s = k`` it is
     ``FC_K(k)``; at ``s = 1/2`` the mean singular value of the product of ``K`` Gaussian
     matrices. The density behaves like ``x^{-K/(K+1)}`` near 0, so ``s > -1/(K+1)`` is required.
 
@@ -1046,8 +1053,9 @@ def expected_msv(chi, L):
     .. math:: E\,\tfrac1N \operatorname{tr}(J J^T) = \chi_1^L,\qquad
               J = \prod_{l=1}^{L} D^l W^l
 
-    ([PSG17] Sec. 2: the first moment of the spectrum of ``J J^T`` at ``q*`` is ``chi^L``;
-    criticality ``chi_1 = 1`` keeps it at 1 at every depth.) Pass ``chi = chi_1(...)``.
+    (``J`` as in [PSG17] eq. (2), with ``chi`` of its eq. (5) the per-layer factor: the first
+    moment of the spectrum of ``J J^T`` at ``q*`` is ``chi^L``, and criticality,
+    ``chi = 1``, keeps it at 1 at every depth.) Pass ``chi = chi_1(...)``.
 
     Parameters
     ----------
