@@ -114,6 +114,18 @@ class _Sparse:
         return _dev(np.asarray(self._m @ _host(other)))
 
 
+class _Device:
+    """The stand-in's one pretend device (work is done when a call returns)."""
+
+    id = 0
+
+    def __init__(self, i=0):
+        pass
+
+    def synchronize(self):
+        pass
+
+
 def asarray(a, dtype=None):
     """A copy on the "device" (a device array stays as it is when no dtype change is asked)."""
     if isinstance(a, ndarray) and (dtype is None or a.dtype == dtype):
@@ -138,6 +150,7 @@ def modules() -> dict:
     linalg = _module("cupy.linalg", svd=_numpy(np.linalg.svd), norm=_numpy(np.linalg.norm), LinAlgError=np.linalg.LinAlgError)
     cupy = _module(
         "cupy",
+        __version__="0+numpy-stand-in",
         ndarray=ndarray,
         asarray=asarray,
         asnumpy=asnumpy,
@@ -148,10 +161,20 @@ def modules() -> dict:
         float64=np.float64,
         **{n: _numpy(getattr(np, n)) for n in names},
     )
+    cuda = _module(
+        "cupy.cuda",
+        Device=_Device,
+        runtime=_module(
+            "cupy.cuda.runtime",
+            getDeviceCount=lambda: 1,
+            getDeviceProperties=lambda i: {"name": b"NumPy stand-in for CuPy (no GPU)"},
+        ),
+    )
+    cupy.cuda = cuda
     sparse = _module("cupyx.scipy.sparse", csr_matrix=_Sparse)
     cupyx_scipy = _module("cupyx.scipy", sparse=sparse)
     cupyx = _module("cupyx", scipy=cupyx_scipy)
-    return {"cupy": cupy, "cupy.linalg": linalg, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy, "cupyx.scipy.sparse": sparse}
+    return {"cupy": cupy, "cupy.linalg": linalg, "cupy.cuda": cuda, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy, "cupyx.scipy.sparse": sparse}
 
 
 def install(monkeypatch) -> types.ModuleType:
