@@ -280,6 +280,15 @@ def _haar_orthogonal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarr
     return q.T if rows < cols else q  # (rows, cols)
 
 
+def _check_orthogonal_args(rng, shape, gain, dtype):
+    """The checked arguments of :func:`orthogonal` and :func:`delta_orthogonal`: a Generator,
+    a shape with ``ndim >= 2``, a ``gain > 0`` and a float dtype."""
+    rng = as_rng(rng, "rng")
+    shape = _check_shape(shape)
+    gain = check_float(gain, "gain", min_value=0.0, min_inclusive=False)
+    return rng, shape, gain, resolve_dtype(dtype)
+
+
 def orthogonal(rng, shape, gain: float = 1.0, dtype=np.float64) -> np.ndarray:
     """LDI: a Haar-distributed orthogonal weight times ``gain``.
 
@@ -306,10 +315,7 @@ def orthogonal(rng, shape, gain: float = 1.0, dtype=np.float64) -> np.ndarray:
     -------
     W : ndarray of shape ``shape``
     """
-    rng = as_rng(rng, "rng")
-    shape = _check_shape(shape)
-    gain = check_float(gain, "gain", min_value=0.0, min_inclusive=False)
-    dt = resolve_dtype(dtype)
+    rng, shape, gain, dt = _check_orthogonal_args(rng, shape, gain, dtype)
     rows, cols = shape[0], math.prod(shape[1:])
     q = _haar_orthogonal(rng, rows, cols)  # (rows, cols)
     return (gain * q).reshape(shape).astype(dt, copy=False)
@@ -345,10 +351,7 @@ def delta_orthogonal(rng, shape, gain: float = 1.0, dtype=np.float64) -> np.ndar
     -------
     W : ndarray of shape ``shape``
     """
-    rng = as_rng(rng, "rng")
-    shape = _check_shape(shape)
-    gain = check_float(gain, "gain", min_value=0.0, min_inclusive=False)
-    dt = resolve_dtype(dtype)
+    rng, shape, gain, dt = _check_orthogonal_args(rng, shape, gain, dtype)
     c_out, c_in = shape[:2]
     q = _haar_orthogonal(rng, c_out, c_in)  # (c_out, c_in)
     w = np.zeros(shape, dtype=np.float64)  # (c_out, c_in, *kernel)

@@ -73,7 +73,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import sys
 import time
 
 import numpy as np
@@ -81,6 +80,7 @@ import numpy as np
 from ._checks import check_array, check_choice, check_float, check_int
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
 from .network import Network
+from .training import _progress_target
 
 __all__ = [
     "affine_layers",
@@ -383,13 +383,9 @@ def min_residual_weights(mask, *, gram: str = "smaller") -> np.ndarray:
 
 
 def _progress_fn(progress, steps: int):
-    if progress is None or progress is False:
-        return None
-    if callable(progress) and not hasattr(progress, "write"):
-        return progress
-    stream = sys.stderr if progress is True else progress
-    if not hasattr(stream, "write"):
-        raise TypeError(f"progress must be None, a bool, a text stream or a callable, got {type(progress).__name__}")
+    stream = _progress_target(progress)
+    if stream is None or not hasattr(stream, "write"):
+        return stream  # no reports, or the caller's callable
     every = max(1, steps // 10)
 
     def report(step, value):
@@ -868,36 +864,27 @@ def l1_neuron_prune(net: Network, keep, *, layers=None) -> Network:
     for i, layer in enumerate(net.layers):
         p, m = net.params[i], net.masks[i]
         out_shape = net.shapes[i + 1]
-        if isinstance(layer, Dense):
+        if isinstance(layer, (Dense, Conv2d)):
+            dense = isinstance(layer, Dense)
+            unit = "feature" if dense else "channel"  # the kind of index its inputs and outputs carry
             in_idx = None
             if carried is not None:
                 kind, ids = carried
-                if kind == "channel":  # (C,) after GlobalAvgPool2d, or (C, H, W) impossible here
+                if kind != unit and dense:  # (C,) after GlobalAvgPool2d, or (C, H, W) impossible here
                     raise NotImplementedError(
                         f"layer {i}: Dense after a channel-structured input of shape {shape}; add Flatten"
                     )
-                in_idx = ids
-            rows = kept_out.get(i)
-            np_, nm = _slice_units(p, m, rows, in_idx, layer.bias)
-            W = np_["W"]
-            new_layers.append(dataclasses.replace(layer, n_in=W.shape[1], n_out=W.shape[0]))
-            params.append(np_)
-            masks.append(nm)
-            carried = None if rows is None else ("feature", rows)
-        elif isinstance(layer, Conv2d):
-            in_idx = None
-            if carried is not None:
-                kind, ids = carried
-                if kind != "channel":
+                if kind != unit:
                     raise NotImplementedError(f"layer {i}: Conv2d after a flat representation is not supported")
                 in_idx = ids
             rows = kept_out.get(i)
             np_, nm = _slice_units(p, m, rows, in_idx, layer.bias)
-            W = np_["W"]
-            new_layers.append(dataclasses.replace(layer, c_in=W.shape[1], c_out=W.shape[0]))
+            n_out, n_in = np_["W"].shape[:2]
+            sizes = {"n_in": n_in, "n_out": n_out} if dense else {"c_in": n_in, "c_out": n_out}
+            new_layers.append(dataclasses.replace(layer, **sizes))
             params.append(np_)
             masks.append(nm)
-            carried = None if rows is None else ("channel", rows)
+            carried = None if rows is None else (unit, rows)
         elif isinstance(layer, (AvgPool2d, MaxPool2d)):
             new_layers.append(layer)  # per channel: the kept channel indices pass through
             params.append({})

@@ -251,28 +251,31 @@ def _dense_chain(net, trace, dense: list, mode: str) -> np.ndarray:
     return J if mode == "reverse" else J.transpose(0, 2, 1)  # (B, N_end, N_start)
 
 
-def jvp(net, x, v, start: int = 0, end: int | None = None, *, trace=None) -> np.ndarray:
-    """``J^{start,end} v`` for every example: ``v`` is (B, *shape of x^start), returns (B, N_end)."""
+def _one_vector_product(net, x, vec, name: str, start, end, trace, forward: bool) -> np.ndarray:
+    """The body of :func:`jvp` (``forward``: ``vec`` a tangent at ``x^start``, pushed forward) and
+    :func:`vjp` (a cotangent at ``x^end``, pulled back): one vector per example, checked, then
+    sent through the layers as a stack of one."""
     _check_net(net)
     start, end = _check_range(net, start, end)
     trace = _trace(net, x, trace)
     B = trace.x.shape[0]
-    v = np.asarray(v, dtype=trace.x.dtype)
-    if v.shape[0] != B or v[0].size != prod(net.shapes[start]):
-        raise ValueError(f"v must have shape ({B}, {prod(net.shapes[start])}) or ({B}, *{net.shapes[start]}), got {v.shape}")
-    return pushforward(net, trace, v.reshape(B, 1, -1), start, end)[:, 0]
+    vec = np.asarray(vec, dtype=trace.x.dtype)
+    shape = net.shapes[start if forward else end]
+    if vec.shape[0] != B or vec[0].size != prod(shape):
+        alt = f" or ({B}, *{shape})" if forward else ""
+        raise ValueError(f"{name} must have shape ({B}, {prod(shape)}){alt}, got {vec.shape}")
+    product = pushforward if forward else pullback
+    return product(net, trace, vec.reshape(B, 1, -1), start, end)[:, 0]
+
+
+def jvp(net, x, v, start: int = 0, end: int | None = None, *, trace=None) -> np.ndarray:
+    """``J^{start,end} v`` for every example: ``v`` is (B, *shape of x^start), returns (B, N_end)."""
+    return _one_vector_product(net, x, v, "v", start, end, trace, forward=True)
 
 
 def vjp(net, x, u, start: int = 0, end: int | None = None, *, trace=None) -> np.ndarray:
     """``u^T J^{start,end}`` for every example: ``u`` is (B, N_end), returns (B, N_start)."""
-    _check_net(net)
-    start, end = _check_range(net, start, end)
-    trace = _trace(net, x, trace)
-    B = trace.x.shape[0]
-    u = np.asarray(u, dtype=trace.x.dtype)
-    if u.shape[0] != B or u[0].size != prod(net.shapes[end]):
-        raise ValueError(f"u must have shape ({B}, {prod(net.shapes[end])}), got {u.shape}")
-    return pullback(net, trace, u.reshape(B, 1, -1), start, end)[:, 0]
+    return _one_vector_product(net, x, u, "u", start, end, trace, forward=False)
 
 
 def jacobian_operator(net, x, start: int = 0, end: int | None = None) -> spla.LinearOperator:

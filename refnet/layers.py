@@ -128,8 +128,25 @@ class Layer:
 # ============================================================================================
 
 
+class _Affine(Layer):
+    """Shared part of :class:`Dense` and :class:`Conv2d` (both frozen dataclasses with the fields
+    ``activation`` and ``bias``): their checks and the parameter names ``W`` (and ``b``)."""
+
+    def _check_activation_and_bias(self) -> None:
+        """Normalise ``activation`` to an :class:`Activation` and check that ``bias`` is a bool
+        (the end of ``__post_init__``)."""
+        object.__setattr__(self, "activation", get_activation(self.activation))
+        if not isinstance(self.bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be a bool, got {type(self.bias).__name__}")
+        object.__setattr__(self, "bias", bool(self.bias))
+
+    @property
+    def keys(self) -> tuple:
+        return ("W", "b") if self.bias else ("W",)
+
+
 @dataclass(frozen=True)
-class Dense(Layer):
+class Dense(_Affine):
     r"""Fully connected layer ``x^l = phi(h^l)``, ``h^l = x^{l-1} W^T + b``.
 
     Parameters
@@ -157,14 +174,7 @@ class Dense(Layer):
     def __post_init__(self):
         object.__setattr__(self, "n_in", check_int(self.n_in, "n_in", min_value=1))
         object.__setattr__(self, "n_out", check_int(self.n_out, "n_out", min_value=1))
-        object.__setattr__(self, "activation", get_activation(self.activation))
-        if not isinstance(self.bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be a bool, got {type(self.bias).__name__}")
-        object.__setattr__(self, "bias", bool(self.bias))
-
-    @property
-    def keys(self) -> tuple:
-        return ("W", "b") if self.bias else ("W",)
+        self._check_activation_and_bias()
 
     def out_shape(self, in_shape):
         if tuple(in_shape) != (self.n_in,):
@@ -220,7 +230,7 @@ class Dense(Layer):
 
 
 @dataclass(frozen=True)
-class Conv2d(Layer):
+class Conv2d(_Affine):
     r"""2-D convolution with an activation, via im2col (:mod:`refnet.conv`).
 
     Parameters
@@ -258,14 +268,7 @@ class Conv2d(Layer):
         object.__setattr__(
             self, "padding_mode", check_choice(self.padding_mode, "padding_mode", ["zeros", "circular"])
         )
-        object.__setattr__(self, "activation", get_activation(self.activation))
-        if not isinstance(self.bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be a bool, got {type(self.bias).__name__}")
-        object.__setattr__(self, "bias", bool(self.bias))
-
-    @property
-    def keys(self) -> tuple:
-        return ("W", "b") if self.bias else ("W",)
+        self._check_activation_and_bias()
 
     def out_shape(self, in_shape):
         in_shape = tuple(in_shape)
@@ -356,7 +359,42 @@ def _check_image(in_shape, who):
 
 
 @dataclass(frozen=True)
-class AvgPool2d(Layer):
+class _Pool2d(Layer):
+    """Shared part of the ``k x k`` pooling layers: non-overlapping windows, stride ``k``, and
+    trailing rows and columns that do not fill a window dropped (PyTorch's default floor mode)."""
+
+    kernel_size: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernel_size", check_int(self.kernel_size, "kernel_size", min_value=1))
+
+    def out_shape(self, in_shape):
+        name = type(self).__name__
+        C, H, W = _check_image(in_shape, name)
+        k = self.kernel_size
+        if H < k or W < k:
+            raise ValueError(f"{name}({k}) needs H, W >= {k}, got {(H, W)}")
+        return (C, H // k, W // k)
+
+    def _blocks(self, x):
+        """``(B, C, H, W) -> (B, C, Ho, k, Wo, k)``: ``[b, c, i, u, j, v] = x[b, c, i k + u, j k + v]``."""
+        B, C, H, W = x.shape
+        k = self.kernel_size
+        Ho, Wo = H // k, W // k
+        return x[:, :, : Ho * k, : Wo * k].reshape(B, C, Ho, k, Wo, k)
+
+    @staticmethod
+    def _unblock(x, g_x_windows):
+        """The input gradient: ``g_x_windows`` (B, C, Ho k, Wo k) placed over the windows of a zero
+        array shaped as ``x``; the dropped trailing rows and columns get zero."""
+        _, _, Hk, Wk = g_x_windows.shape
+        g_x = np.zeros_like(x)
+        g_x[:, :, :Hk, :Wk] = g_x_windows
+        return g_x
+
+
+@dataclass(frozen=True)
+class AvgPool2d(_Pool2d):
     """Average pooling over non-overlapping ``k x k`` windows (stride k; trailing rows and
     columns that do not fill a window are dropped, as PyTorch's default floor mode).
 
@@ -364,65 +402,32 @@ class AvgPool2d(Layer):
     itself and the VJP spreads ``g / k^2`` over each window.
     """
 
-    kernel_size: int = 2
-
-    def __post_init__(self):
-        object.__setattr__(self, "kernel_size", check_int(self.kernel_size, "kernel_size", min_value=1))
-
-    def out_shape(self, in_shape):
-        C, H, W = _check_image(in_shape, "AvgPool2d")
-        k = self.kernel_size
-        if H < k or W < k:
-            raise ValueError(f"AvgPool2d({k}) needs H, W >= {k}, got {(H, W)}")
-        return (C, H // k, W // k)
-
     def _pool(self, x):
-        B, C, H, W = x.shape
-        k = self.kernel_size
-        Ho, Wo = H // k, W // k
-        return x[:, :, : Ho * k, : Wo * k].reshape(B, C, Ho, k, Wo, k).mean(axis=(3, 5))
+        return self._blocks(x).mean(axis=(3, 5))
 
     def forward(self, params, x, mask=None):
         return self._pool(x), {"x": x}
 
     def vjp(self, params, cache, g, mask=None, input_grad=True):
-        x = cache["x"]
         k = self.kernel_size
-        B, C, Ho, Wo = g.shape
-        g_x = np.zeros_like(x)
         spread = np.repeat(np.repeat(g, k, axis=2), k, axis=3) / (k * k)  # (B, C, Ho k, Wo k)
-        g_x[:, :, : Ho * k, : Wo * k] = spread
-        return g_x, {}
+        return self._unblock(cache["x"], spread), {}
 
     def jvp(self, params, cache, v, mask=None, dparams=None):
         return self._pool(v)
 
 
 @dataclass(frozen=True)
-class MaxPool2d(Layer):
+class MaxPool2d(_Pool2d):
     """Max pooling over non-overlapping ``k x k`` windows (stride k, floor mode).
 
     The derivative routes through the arg-max of each window (the first one on ties, as
     ``np.argmax``): ``y_dot = v[argmax]``, and the VJP puts ``g`` at the arg-max.
     """
 
-    kernel_size: int = 2
-
-    def __post_init__(self):
-        object.__setattr__(self, "kernel_size", check_int(self.kernel_size, "kernel_size", min_value=1))
-
-    def out_shape(self, in_shape):
-        C, H, W = _check_image(in_shape, "MaxPool2d")
-        k = self.kernel_size
-        if H < k or W < k:
-            raise ValueError(f"MaxPool2d({k}) needs H, W >= {k}, got {(H, W)}")
-        return (C, H // k, W // k)
-
     def _windows(self, x):
-        B, C, H, W = x.shape
-        k = self.kernel_size
-        Ho, Wo = H // k, W // k
-        win = x[:, :, : Ho * k, : Wo * k].reshape(B, C, Ho, k, Wo, k)
+        win = self._blocks(x)  # (B, C, Ho, k, Wo, k)
+        B, C, Ho, k, Wo, _ = win.shape
         return win.transpose(0, 1, 2, 4, 3, 5).reshape(B, C, Ho, Wo, k * k)
 
     def forward(self, params, x, mask=None):
@@ -436,15 +441,13 @@ class MaxPool2d(Layer):
         return np.take_along_axis(win, cache["arg"][..., None], axis=-1)[..., 0]
 
     def vjp(self, params, cache, g, mask=None, input_grad=True):
-        x, arg = cache["x"], cache["arg"]
+        arg = cache["arg"]
         B, C, Ho, Wo = g.shape
         k = self.kernel_size
         win = np.zeros((B, C, Ho, Wo, k * k), dtype=g.dtype)
         np.put_along_axis(win, arg[..., None], g[..., None], axis=-1)
         win = win.reshape(B, C, Ho, Wo, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(B, C, Ho * k, Wo * k)
-        g_x = np.zeros_like(x)
-        g_x[:, :, : Ho * k, : Wo * k] = win
-        return g_x, {}
+        return self._unblock(cache["x"], win), {}
 
 
 @dataclass(frozen=True)

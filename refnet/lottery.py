@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import time
 
 import numpy as np
 
 from ._checks import check_choice, check_float, check_int
 from .network import Network
+from .training import _progress_target, train
 
 __all__ = ["imp", "magnitude_prune", "kept_count"]
 
@@ -115,13 +115,9 @@ def _snapshot(net: Network) -> list[dict]:
 
 
 def _progress_fn(progress):
-    if progress is None or progress is False:
-        return None
-    if callable(progress) and not hasattr(progress, "write"):
-        return progress
-    stream = sys.stderr if progress is True else progress
-    if not hasattr(stream, "write"):
-        raise TypeError(f"progress must be None, a bool, a text stream or a callable, got {type(progress).__name__}")
+    stream = _progress_target(progress)
+    if stream is None or not hasattr(stream, "write"):
+        return stream  # no reports, or the caller's callable
 
     def report(rec):
         acc = "-" if rec["test_acc"] is None else f"{rec['test_acc']:.4f}"
@@ -191,8 +187,6 @@ def imp(
         round trained with). ``"net"``: the network trained in the last round. ``"rewind_params"``:
         the parameters ``W_k`` rewound to. ``"settings"``: the arguments.
     """
-    from .training import train  # a sibling module; imported here to keep import order free
-
     if not isinstance(net, Network):
         raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")
     rounds = check_int(rounds, "rounds", min_value=0)

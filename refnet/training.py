@@ -234,6 +234,21 @@ def _progress_stream(progress):
     raise TypeError(f"progress must be None, True, False or a text stream, got {type(progress).__name__}")
 
 
+def _progress_target(progress):
+    """Where the reports of a ``progress`` argument that also takes a callable go (the loops of
+    :func:`refnet.isometry.approximate_isometry` and :func:`refnet.lottery.imp`): None (None or
+    False: no reports), the callable itself (one without a ``write``), or a text stream (True:
+    stderr); the caller formats the lines for a stream."""
+    if progress is None or progress is False:
+        return None
+    if callable(progress) and not hasattr(progress, "write"):
+        return progress
+    stream = sys.stderr if progress is True else progress
+    if not hasattr(stream, "write"):
+        raise TypeError(f"progress must be None, a bool, a text stream or a callable, got {type(progress).__name__}")
+    return stream
+
+
 # ============================================================================================
 # Argument checks
 # ============================================================================================
