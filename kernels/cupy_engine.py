@@ -23,18 +23,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without CuPy
     raise ImportError(f"the 'cupy' engine needs CuPy, which could not be imported ({exc}): pip install refnet[gpu]") from exc
 
 from ._structure import cached
-from .numpy_engine import _check_method  # one list of methods for every engine
+from .numpy_engine import ENGINE_KERNELS, _check_method  # one kernel list and one list of methods for every engine
 
-__all__ = [
-    "masked_matmul",
-    "masked_matmul_t",
-    "batched_matmul",
-    "batched_matmul_chain",
-    "batched_svdvals",
-    "isometry_step",
-    "kth_largest",
-]
-
+__all__ = list(ENGINE_KERNELS)
 
 
 def _on_host(*arrays) -> bool:

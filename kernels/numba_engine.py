@@ -70,15 +70,7 @@ from . import numpy_engine as _np_engine
 from ._structure import mask_structure
 from ._tuning import DENSE_BLOCK_BYTES, DENSE_BLOCK_ROWS, DENSE_BLOCK_ROWS_T, GATHER_DENSITY, ISOMETRY_CROSSOVER, MATMUL_CROSSOVER, MATMUL_T_CROSSOVER, MIN_SPARSE_SIZE, MIN_SPARSE_WORK
 
-__all__ = [
-    "masked_matmul",
-    "masked_matmul_t",
-    "batched_matmul",
-    "batched_matmul_chain",
-    "batched_svdvals",
-    "isometry_step",
-    "kth_largest",
-]
+__all__ = list(_np_engine.ENGINE_KERNELS)
 
 _FM = {"contract"}  # allow fused multiply-add only; no reassociation, IEEE semantics otherwise
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))

@@ -21,16 +21,18 @@ import numpy as np
 
 from ._structure import mask_structure
 
-__all__ = [
+#: the kernels every engine provides, with the same signatures (plus engine-specific keywords)
+ENGINE_KERNELS = (
     "masked_matmul",
     "masked_matmul_t",
     "batched_matmul",
     "batched_matmul_chain",
     "batched_svdvals",
     "isometry_step",
-    "isometry_residual",
     "kth_largest",
-]
+)
+
+__all__ = [*ENGINE_KERNELS, "isometry_residual"]
 
 METHODS = ("auto", "dense", "csr")
 

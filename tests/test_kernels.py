@@ -640,6 +640,21 @@ def test_cupy_engine_logic_on_a_numpy_stand_in(monkeypatch, dtype, method):
     _check_cupy_engine(fake_cupy.install(monkeypatch), dtype, method)
 
 
+def test_every_engine_provides_every_kernel(monkeypatch):
+    """The dispatcher calls ``getattr(engine, kernel)``: each engine module (CuPy's through the
+    stand-in) must define every kernel of ``ENGINE_KERNELS``, and the package exports them."""
+    fake_cupy.install(monkeypatch)
+    for name in kernels.ENGINES:
+        if name == "numba" and not HAVE_NUMBA:
+            continue
+        module = kernels._load(name)
+        missing = [k for k in numpy_engine.ENGINE_KERNELS if not callable(getattr(module, k, None))]
+        assert not missing, (name, missing)
+        assert set(numpy_engine.ENGINE_KERNELS) <= set(module.__all__)
+    assert all(callable(getattr(kernels, k)) for k in numpy_engine.ENGINE_KERNELS)
+    assert set(numpy_engine.ENGINE_KERNELS) <= set(kernels.__all__)
+
+
 def test_the_cupy_stand_in_refuses_host_arrays(monkeypatch):
     """The stand-in is as strict as CuPy about mixing host and device arrays (else the test
     above could not catch an operand the engine forgot to move)."""
