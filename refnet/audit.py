@@ -61,6 +61,7 @@ from math import prod
 import numpy as np
 
 from . import kernels
+from ._args import float_in, int_at_least
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d, layer_from_dict
 from ._io import atomic_savez, atomic_write, atomic_write_text, json_float as _json_float, jsonable
 from .jacobians import jacobian
@@ -2476,34 +2477,9 @@ def _shape_arg(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"must be comma-separated positive ints such as 1,28,28, got {text!r}") from None
 
 
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
-
-
-def _sparsity_arg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return v
-
-
-def _n_arg(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+_pos_float = float_in(0.0, lo_open=True)
+_sparsity_arg = float_in(0.0, 1.0, hi_open=True)
+_n_arg = int_at_least(1)
 
 
 def add_audit_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ._args import float_in, int_at_least
+
 __all__ = ["Command", "main", "register", "build_parser"]
 
 PROG = "refnet"
@@ -58,40 +60,9 @@ def register(name: str, help: str, add_arguments, run, description: str | None =
 
 
 # ============================================================================================
-# argument types (argparse reports their errors as "argument --NAME: ...")
+# argument types (argparse reports their errors as "argument --NAME: ..."; the numeric ones are
+# in refnet._args, shared with the audit command)
 # ============================================================================================
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-
-    parse.__name__ = f"int>={lo}"
-    return parse
-
-
-def _float_in(lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        if lo is not None and (value < lo or (lo_open and value == lo)):
-            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo:g}, got {value:g}")
-        if hi is not None and (value > hi or (hi_open and value == hi)):
-            raise argparse.ArgumentTypeError(f"must be {'<' if hi_open else '<='} {hi:g}, got {value:g}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
 
 
 def _lr_phases(text: str) -> list:
@@ -158,21 +129,21 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", type=_arch_name, default="mlp-7-tanh", help="architecture spec (default mlp-7-tanh; see below)")
     g.add_argument("--init", type=_init_name, default="orthogonal",
                    help="lecun|glorot|he|sg|orthogonal|delta_orthogonal or vs-l|vs-g|vs-h|ldi (default orthogonal)")
-    g.add_argument("--gamma", type=_float_in(0.0, lo_open=True), default=None, help="weight variance for --init sg")
-    g.add_argument("--gain", type=_float_in(0.0, lo_open=True), default=None, help="gain for orthogonal inits")
-    g.add_argument("--sigma-b", type=_float_in(0.0), default=None, help="bias std (default 0)")
+    g.add_argument("--gamma", type=float_in(0.0, lo_open=True), default=None, help="weight variance for --init sg")
+    g.add_argument("--gain", type=float_in(0.0, lo_open=True), default=None, help="gain for orthogonal inits")
+    g.add_argument("--sigma-b", type=float_in(0.0), default=None, help="bias std (default 0)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_int_at_least(1), default=2000, help="SGD steps (default 2000)")
-    g.add_argument("--lr", type=_float_in(0.0, lo_open=True), default=0.1, help="learning rate (default 0.1)")
+    g.add_argument("--steps", type=int_at_least(1), default=2000, help="SGD steps (default 2000)")
+    g.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.1, help="learning rate (default 0.1)")
     g.add_argument("--lr-decay", type=_lr_phases, default=None, metavar="STEP:LR,...",
                    help="later phases of a piecewise-constant schedule, e.g. 1001:0.01,1501:0.001 "
                    "(--lr until the first; momentum carries over)")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=100, help="mini-batch size (default 100)")
-    g.add_argument("--momentum", type=_float_in(0.0, 1.0, hi_open=True), default=0.0, help="heavy-ball momentum (default 0)")
-    g.add_argument("--weight-decay", type=_float_in(0.0), default=0.0,
+    g.add_argument("--batch-size", type=int_at_least(1), default=100, help="mini-batch size (default 100)")
+    g.add_argument("--momentum", type=float_in(0.0, 1.0, hi_open=True), default=0.0, help="heavy-ball momentum (default 0)")
+    g.add_argument("--weight-decay", type=float_in(0.0), default=0.0,
                    help="coefficient of sum ||mask*W||^2 (default 0; the papers use 0.00025)")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the init and the batch order (default 0)")
-    g.add_argument("--eval-every", type=_int_at_least(1), default=None, help="steps between test evaluations (default steps/20)")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the init and the batch order (default 0)")
+    g.add_argument("--eval-every", type=int_at_least(1), default=None, help="steps between test evaluations (default steps/20)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=os.path.join("runs", "train"),
                    help="output folder for history.json and net.npz (default runs/train)")

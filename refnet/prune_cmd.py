@@ -31,7 +31,8 @@ METHODS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .arch import ARCH_HELP
-    from .cli import _arch_name, _data_name, _float_in, _init_name, _int_at_least
+    from ._args import float_in, int_at_least
+    from .cli import _arch_name, _data_name, _init_name
 
     p.epilog = ARCH_HELP
     g = p.add_argument_group("data and model")
@@ -39,28 +40,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", default=None, help="folder of the IDX files (mnist, fashion-mnist)")
     g.add_argument("--arch", type=_arch_name, default="mlp-7-tanh", help="architecture spec (default mlp-7-tanh)")
     g.add_argument("--init", type=_init_name, default="orthogonal", help="initialization (default orthogonal)")
-    g.add_argument("--gamma", type=_float_in(0.0, lo_open=True), default=None, help="weight variance for --init sg")
-    g.add_argument("--gain", type=_float_in(0.0, lo_open=True), default=None, help="gain for orthogonal inits")
-    g.add_argument("--sigma-b", type=_float_in(0.0), default=None, help="bias std (default 0)")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of init, scores and batch order (default 0)")
+    g.add_argument("--gamma", type=float_in(0.0, lo_open=True), default=None, help="weight variance for --init sg")
+    g.add_argument("--gain", type=float_in(0.0, lo_open=True), default=None, help="gain for orthogonal inits")
+    g.add_argument("--sigma-b", type=float_in(0.0), default=None, help="bias std (default 0)")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of init, scores and batch order (default 0)")
     g = p.add_argument_group("pruning")
     g.add_argument("--method", choices=list(METHODS), default="snip",
                    help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
-    g.add_argument("--sparsity", type=_float_in(0.0, 1.0, hi_open=True), default=0.9, help="fraction of weights removed (default 0.9)")
+    g.add_argument("--sparsity", type=float_in(0.0, 1.0, hi_open=True), default=0.9, help="fraction of weights removed (default 0.9)")
     g.add_argument("--scope", choices=["global", "layer"], default="global", help="rank over all layers (default) or per layer")
-    g.add_argument("--score-examples", type=_int_at_least(1), default=100,
+    g.add_argument("--score-examples", type=int_at_least(1), default=100,
                    help="training examples scored (default 100: one SNIP batch)")
-    g.add_argument("--score-batch-size", type=_int_at_least(1), default=None,
+    g.add_argument("--score-batch-size", type=int_at_least(1), default=None,
                    help="accumulate dL/dc over batches of this size before |.| (the SPP code: 100)")
     g.add_argument("--repair", choices=["none", "ai"], default="none", help="ai: approximate isometry of the pruned weights")
-    g.add_argument("--ai-steps", type=_int_at_least(1), default=10_000, help="approximate-isometry steps (default 10000)")
-    g.add_argument("--ai-lr", type=_float_in(0.0, lo_open=True), default=0.1, help="approximate-isometry lr (default 0.1)")
+    g.add_argument("--ai-steps", type=int_at_least(1), default=10_000, help="approximate-isometry steps (default 10000)")
+    g.add_argument("--ai-lr", type=float_in(0.0, lo_open=True), default=0.1, help="approximate-isometry lr (default 0.1)")
     g = p.add_argument_group("measurement and training")
-    g.add_argument("--jsv-examples", type=_int_at_least(1), default=1000, help="test examples for the JSV statistics (default 1000)")
-    g.add_argument("--train-steps", type=_int_at_least(0), default=2000, help="SGD steps after pruning (default 2000; 0: no training)")
-    g.add_argument("--lr", type=_float_in(0.0, lo_open=True), default=0.1, help="learning rate (default 0.1)")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=100, help="mini-batch size (default 100)")
-    g.add_argument("--weight-decay", type=_float_in(0.0), default=0.00025, help="coefficient of sum ||mask*W||^2 (default 0.00025, as the SPP code)")
+    g.add_argument("--jsv-examples", type=int_at_least(1), default=1000, help="test examples for the JSV statistics (default 1000)")
+    g.add_argument("--train-steps", type=int_at_least(0), default=2000, help="SGD steps after pruning (default 2000; 0: no training)")
+    g.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.1, help="learning rate (default 0.1)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=100, help="mini-batch size (default 100)")
+    g.add_argument("--weight-decay", type=float_in(0.0), default=0.00025, help="coefficient of sum ||mask*W||^2 (default 0.00025, as the SPP code)")
     g.add_argument("--out", default=os.path.join("runs", "prune"), help="output folder (default runs/prune)")
     g.add_argument("--quiet", action="store_true", help="print only the final lines")
 

@@ -355,24 +355,24 @@ def format_stats(stats: dict, title: str | None = None) -> str:
 # ============================================================================================
 
 def _gammas(text: str) -> list:
-    from .cli import _float_in
+    from ._args import float_in
 
-    return [_float_in(0.0, lo_open=True)(t) for t in text.split(",") if t.strip()]
+    return [float_in(0.0, lo_open=True)(t) for t in text.split(",") if t.strip()]
 
 
 def add_spectrum_arguments(p: argparse.ArgumentParser) -> None:
     """Add the options of ``refnet spectrum`` to a parser (for :func:`refnet.cli.register`)."""
     from .arch import ARCH_HELP
-    from .cli import _float_in, _int_at_least
+    from ._args import float_in, int_at_least
 
-    _positive_float, _nonneg_float = _float_in(0.0, lo_open=True), _float_in(0.0)
+    _positive_float, _nonneg_float = float_in(0.0, lo_open=True), float_in(0.0)
     p.epilog = ARCH_HELP
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="mnist5k", help="dataset: mnist5k (default), digits, mnist, fashion-mnist, synthetic")
     g.add_argument("--data-dir", default=None, help="folder of the IDX files (mnist, fashion-mnist)")
     g.add_argument("--split", default="test", choices=["train", "test", "all"],
                    help="split the examples are taken from (default test)")
-    g.add_argument("--n-examples", type=_int_at_least(1), default=1000,
+    g.add_argument("--n-examples", type=int_at_least(1), default=1000,
                    help="number of examples (the first ones of the split; default 1000, capped at the split size)")
     g.add_argument("--arch", default="mlp-7-tanh", help="architecture spec (default mlp-7-tanh; see below)")
     g.add_argument("--init", action="append", default=None, metavar="NAME[,NAME...]",
@@ -383,15 +383,15 @@ def add_spectrum_arguments(p: argparse.ArgumentParser) -> None:
                         "sg run each")
     g.add_argument("--gain", type=_positive_float, default=None, help="gain of the orthogonal inits (default 1)")
     g.add_argument("--sigma-b", type=_nonneg_float, default=None, help="bias std of every init (default 0)")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the init and of the pruning mask (default 0)")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the init and of the pruning mask (default 0)")
     g = p.add_argument_group("pruning")
-    g.add_argument("--sparsity", type=_float_in(0.0, 1.0, hi_open=True), default=None,
+    g.add_argument("--sparsity", type=float_in(0.0, 1.0, hi_open=True), default=None,
                    help="prune this fraction of all weights (global) before measuring; default: no pruning")
     g.add_argument("--prune", default="snip", choices=["snip", "random", "magnitude"],
                    help="pruning method for --sparsity (refnet.pruning; exactly round(m*(1-sparsity)) of the m "
                         "weights kept, biases kept): snip scores the first 100 training examples (default)")
     g = p.add_argument_group("measurement and output")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=100, help="examples per Jacobian batch (default 100)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=100, help="examples per Jacobian batch (default 100)")
     g.add_argument("--epsilon", type=_nonneg_float, default=0.1,
                    help="layerwise dynamical isometry tolerance |1 - sigma| <= epsilon (default 0.1)")
     g.add_argument("--out", default=os.path.join("runs", "spectrum"),
