@@ -69,26 +69,24 @@ def _csr(W, mask):
 
 def masked_matmul(x, W, mask=None, *, method: str = "auto"):
     """``x @ (mask * W).T`` on the GPU: cuBLAS (dense) or cuSPARSE SpMM (csr)."""
-    _check_method(method)
-    host = _on_host(x, W, mask)
-    x, W = _dev(x), _dev(W)
-    if mask is None or method in ("auto", "dense"):
-        We = W if mask is None else W * _dev(mask)
-        return _back(x @ We.T, host)  # (B, n_out)
-    S, _, _ = _csr(W, mask)
-    return _back((S @ x.T).T, host)  # (B, n_out)
+    return _masked_product(x, W, mask, method, transpose=False)
 
 
 def masked_matmul_t(g, W, mask=None, *, method: str = "auto"):
     """``g @ (mask * W)`` on the GPU."""
+    return _masked_product(g, W, mask, method, transpose=True)
+
+
+def _masked_product(a, W, mask, method, transpose: bool):
+    """``a @ (mask * W).T`` (forward, (B, n_out)) or ``a @ (mask * W)`` (``transpose``, (B, n_in))."""
     _check_method(method)
-    host = _on_host(g, W, mask)
-    g, W = _dev(g), _dev(W)
+    host = _on_host(a, W, mask)
+    a, W = _dev(a), _dev(W)
     if mask is None or method in ("auto", "dense"):
         We = W if mask is None else W * _dev(mask)
-        return _back(g @ We, host)  # (B, n_in)
+        return _back(a @ (We if transpose else We.T), host)
     S, _, _ = _csr(W, mask)
-    return _back((S.T @ g.T).T, host)  # (B, n_in)
+    return _back(((S.T if transpose else S) @ a.T).T, host)
 
 
 def batched_matmul(A, B):
