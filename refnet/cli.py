@@ -294,7 +294,8 @@ register(
     *_delegate(".benchmarks.__main__", "add_arguments", "run"),
     description="Benchmark suites (engine: training step and SNIP of the papers' MLP; kernels: masked\n"
     "products, batched singular values, isometry steps; jacobian: Jacobians and their singular\n"
-    "values), medians of repeated runs, printed as times and ratios and written to --out as JSON\n"
+    "values; gpu: the cupy engine beside the CPU engines, where CuPy and a GPU are there),\n"
+    "medians of repeated runs, printed as times and ratios and written to --out as JSON\n"
     "with the BLAS library and thread settings. Set OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and\n"
     "NUMBA_NUM_THREADS before starting for one-thread figures (docs/performance.md).",
 )
