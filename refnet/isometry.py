@@ -870,12 +870,11 @@ def l1_neuron_prune(net: Network, keep, *, layers=None) -> Network:
             in_idx = None
             if carried is not None:
                 kind, ids = carried
-                if kind != unit and dense:  # (C,) after GlobalAvgPool2d, or (C, H, W) impossible here
+                if kind != unit:  # Dense: (C,) after GlobalAvgPool2d, or (C, H, W) impossible here
                     raise NotImplementedError(
-                        f"layer {i}: Dense after a channel-structured input of shape {shape}; add Flatten"
+                        f"layer {i}: Dense after a channel-structured input of shape {shape}; add Flatten" if dense
+                        else f"layer {i}: Conv2d after a flat representation is not supported"
                     )
-                if kind != unit:
-                    raise NotImplementedError(f"layer {i}: Conv2d after a flat representation is not supported")
                 in_idx = ids
             rows = kept_out.get(i)
             np_, nm = _slice_units(p, m, rows, in_idx, layer.bias)
