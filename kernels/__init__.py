@@ -26,6 +26,8 @@ Functions (batches are rows, weights are ``(n_out, n_in)`` as everywhere in refn
     Stacked products and Jacobian chains ``J^{l-1,l} ... J^{k,k+1}``.
 ``batched_svdvals(A)``
     Singular values of a stack ``(..., m, n)``, in descending order.
+``batched_svd(A, full_matrices=False)``
+    The whole decomposition ``(U, S, Vh)`` of every matrix of a stack.
 ``isometry_step(V, mask, lr, squared=False)``
     One approximate-isometry gradient step on the kept entries: ``(V_new, residual)``.
 ``kth_largest(s, k)``
@@ -204,7 +206,7 @@ def _auto(kernel: str, args) -> str:
     if kernel == "kth_largest":  # radix select: 129,400 scores 0.2 ms vs np.partition 1.0 ms
         (s,) = args
         return "numba" if getattr(s, "ndim", 0) == 1 and s.size >= MIN_SELECT_SIZE and _float_arrays(s) else "numpy"
-    if kernel == "batched_svdvals":
+    if kernel in ("batched_svdvals", "batched_svd"):
         (A,) = args
         shape = getattr(A, "shape", ())
         big = len(shape) >= 3 and min(shape[-2:]) >= 8 and math.prod(shape[:-2]) >= 2
@@ -341,6 +343,21 @@ def batched_svdvals(A, *, engine: str | None = None):
     """Singular values of every matrix of a stack ``(..., m, n)``: ``(..., min(m, n))``, in
     descending order (LAPACK gesdd without singular vectors, or the GPU's cuSOLVER)."""
     return _engine("batched_svdvals", (A,), engine).batched_svdvals(A)
+
+
+def batched_svd(A, *, full_matrices: bool = False, engine: str | None = None):
+    r"""Singular value decomposition of every matrix of a stack ``(..., m, n)``: ``(U, S, Vh)``
+    with ``A[i] = U[i] diag(S[i]) Vh[i]`` and ``S`` descending; ``U`` is ``(..., m, k)`` and
+    ``Vh`` ``(..., k, n)`` with ``k = min(m, n)``, or ``(..., m, m)`` and ``(..., n, n)`` with
+    ``full_matrices=True``. LAPACK gesdd per matrix (the Numba engine: chunks of the stack on
+    separate threads), or the GPU's cuSOLVER. A singular vector is determined up to its sign,
+    and within a repeated singular value up to a rotation: compare ``U diag(S) Vh`` or the
+    subspaces, not the vectors themselves."""
+    import numpy as np
+
+    if not isinstance(full_matrices, (bool, np.bool_)):
+        raise TypeError(f"full_matrices must be a bool, got {type(full_matrices).__name__}")
+    return _engine("batched_svd", (A,), engine).batched_svd(A, bool(full_matrices))
 
 
 def isometry_step(V, mask, lr: float, squared: bool = False, *, engine: str | None = None, method: str = "auto"):

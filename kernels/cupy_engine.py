@@ -127,6 +127,26 @@ def batched_svdvals(A):
     return _back(s, host)
 
 
+def batched_svd(A, full_matrices: bool = False):
+    """``(U, S, Vh)`` of every matrix of a stack (``cupy.linalg.svd``: cuSOLVER; one call per
+    matrix on CuPy versions without stacked SVD). Empty stacks: NumPy's answer, on the device."""
+    host = _on_host(A)
+    A = _dev(A)
+    if A.ndim < 2:
+        raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
+    if A.size == 0:
+        return tuple(_back(_dev(part), host) for part in np.linalg.svd(cp.asnumpy(A), full_matrices=full_matrices))
+    try:
+        parts = cp.linalg.svd(A, full_matrices=full_matrices)
+    except (ValueError, NotImplementedError, cp.linalg.LinAlgError):
+        if A.ndim == 2:
+            raise
+        flat = A.reshape((-1,) + A.shape[-2:])
+        each = [cp.linalg.svd(a, full_matrices=full_matrices) for a in flat]
+        parts = [cp.stack([e[j] for e in each]).reshape(A.shape[:-2] + each[0][j].shape) for j in range(3)]
+    return tuple(_back(part, host) for part in parts)
+
+
 def isometry_step(V, mask, lr: float, squared: bool = False, *, method: str = "auto"):
     """One approximate-isometry step (formulas in :func:`refnet.kernels.numpy_engine.isometry_step`):
     dense cuBLAS, or with ``method="csr"`` a cuSPARSE Gram ``U^T U`` and the gradient read at

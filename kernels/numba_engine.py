@@ -29,9 +29,9 @@ isometry_step (sparse Gram and masked gradient, ``d`` = density, ``n`` the small
     mirror pass): OpenBLAS worker threads left spinning after a BLAS call took the cores the
     next Numba region needed (N=1024, 90%, two threads: 28 ms per step with ``np.vdot``, 9 ms
     without; one thread 17 ms).
-batched_svdvals
-    ``np.linalg.svd(compute_uv=False)`` (LAPACK gesdd) on chunks of the stack, one chunk per
-    thread, BLAS pinned to one thread meanwhile (see ``_threads.py``). Numba's own
+batched_svdvals, batched_svd
+    ``np.linalg.svd(compute_uv=False)`` (or with the vectors) (LAPACK gesdd) on chunks of the
+    stack, one chunk per thread, BLAS pinned to one thread meanwhile (see ``_threads.py``). Numba's own
     ``np.linalg.svd`` always computes the singular vectors, which costs more than the
     parallelism gains, so LAPACK is called through NumPy (which releases the GIL).
 kth_largest
@@ -661,30 +661,59 @@ def _svd_dtype(dt: np.dtype):
     return None
 
 
-def batched_svdvals(A):
-    """Singular values of a stack ``(..., m, n)``, descending: LAPACK gesdd per matrix, the
-    stack split over Numba's thread count in a pool of Python threads."""
+def _pooled(A, full_matrices=None):
+    """The pool's share of :func:`batched_svdvals` (``full_matrices`` None) and :func:`batched_svd`:
+    None where the oracle should run (no pool, small or odd input), else the results."""
     from ._tuning import SVD_MIN_SIDE, SVD_MIN_STACK
 
+    batch, (m, n) = A.shape[:-2], A.shape[-2:]
+    count = math.prod(batch)
+    workers = min(_workers(), count)
+    dt = _svd_dtype(A.dtype) if full_matrices is None else (A.dtype if A.dtype in _FLOATS else None)
+    if (A.size == 0 or dt is None or workers < 2 or count < SVD_MIN_STACK or min(m, n) < SVD_MIN_SIDE
+            or not _threads.blas_pinnable()):
+        return None
+    flat = A.reshape((count, m, n))
+    k = min(m, n)
+    if full_matrices is None:
+        outs = (np.empty((count, k), dtype=dt),)
+    else:
+        mu, nv = (m, n) if full_matrices else (k, k)
+        outs = (np.empty((count, m, mu), dtype=dt), np.empty((count, k), dtype=dt), np.empty((count, nv, n), dtype=dt))
+
+    def work(lo, hi):
+        if full_matrices is None:
+            outs[0][lo:hi] = np.linalg.svd(flat[lo:hi], compute_uv=False)
+        else:
+            for out, part in zip(outs, np.linalg.svd(flat[lo:hi], full_matrices=full_matrices)):
+                out[lo:hi] = part
+
+    _chunked(work, count, workers)
+    return tuple(o.reshape(batch + o.shape[1:]) for o in outs)
+
+
+def _check_stack(A):
     A = np.asarray(A)
     if A.ndim < 2:
         raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
-    batch = A.shape[:-2]
-    count = math.prod(batch)
-    workers = min(_workers(), count)
-    dt = _svd_dtype(A.dtype)
-    if (A.size == 0 or dt is None or workers < 2 or count < SVD_MIN_STACK or min(A.shape[-2:]) < SVD_MIN_SIDE
-            or not _threads.blas_pinnable()):
-        return _np_engine.batched_svdvals(A)
-    flat = A.reshape((count,) + A.shape[-2:])
-    k = min(A.shape[-2:])
-    out = np.empty((count, k), dtype=dt)
+    return A
 
-    def work(lo, hi):
-        out[lo:hi] = np.linalg.svd(flat[lo:hi], compute_uv=False)
 
-    _chunked(work, count, workers)
-    return out.reshape(batch + (k,))
+def batched_svdvals(A):
+    """Singular values of a stack ``(..., m, n)``, descending: LAPACK gesdd per matrix, the
+    stack split over Numba's thread count in a pool of Python threads."""
+    A = _check_stack(A)
+    out = _pooled(A)
+    return _np_engine.batched_svdvals(A) if out is None else out[0]
+
+
+def batched_svd(A, full_matrices: bool = False):
+    """``(U, S, Vh)`` of every matrix of a stack (see :func:`refnet.kernels.numpy_engine.batched_svd`):
+    LAPACK gesdd per matrix on chunks of the stack, one chunk per thread, as
+    :func:`batched_svdvals`; float32/float64 input (other dtypes: the oracle)."""
+    A = _check_stack(A)
+    out = _pooled(A, bool(full_matrices))
+    return _np_engine.batched_svd(A, full_matrices) if out is None else out
 
 
 def batched_matmul(A, B):

@@ -11,6 +11,7 @@ Shapes (batches are rows, weights are ``(n_out, n_in)``, as everywhere in refnet
 ``batched_matmul(A, B)``           ``np.matmul`` on stacks ``(..., m, k) @ (..., k, n)``
 ``batched_matmul_chain(mats)``     ``mats[-1] @ ... @ mats[0]`` (later factors on the left)
 ``batched_svdvals(A)``             ``(..., m, n)`` -> ``(..., min(m, n))``, descending
+``batched_svd(A, full_matrices)``  ``(..., m, n)`` -> ``(U, S, Vh)``, ``A = U diag(S) Vh``
 ``isometry_step(V, mask, lr)``     one approximate-isometry gradient step, see below
 ``kth_largest(s, k)``              the ``k``-th largest entry of a 1-D array (``np.partition``)
 """
@@ -28,6 +29,7 @@ ENGINE_KERNELS = (
     "batched_matmul",
     "batched_matmul_chain",
     "batched_svdvals",
+    "batched_svd",
     "isometry_step",
     "kth_largest",
 )
@@ -113,6 +115,19 @@ def batched_svdvals(A: np.ndarray) -> np.ndarray:
         dt = A.dtype if A.dtype.kind in "fc" else np.float64
         return np.zeros(A.shape[:-2] + (min(A.shape[-2:]),), dtype=np.finfo(dt).dtype)
     return np.linalg.svd(A, compute_uv=False)
+
+
+def batched_svd(A: np.ndarray, full_matrices: bool = False) -> tuple:
+    """Singular value decomposition of every matrix of a stack ``(..., m, n)`` (LAPACK gesdd):
+    ``(U, S, Vh)`` with ``A[i] = U[i] @ diag(S[i]) @ Vh[i]``, ``S`` descending, ``U``
+    ``(..., m, k)`` and ``Vh`` ``(..., k, n)``, ``k = min(m, n)`` (``full_matrices``: ``U``
+    ``(..., m, m)``, ``Vh`` ``(..., n, n)``). Each singular vector is determined up to its sign
+    (and within a repeated singular value up to a rotation)."""
+    A = np.asarray(A)
+    if A.ndim < 2:
+        raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
+    U, S, Vh = np.linalg.svd(A, full_matrices=full_matrices)
+    return U, S, Vh
 
 
 def isometry_residual(V: np.ndarray, mask=None) -> float:

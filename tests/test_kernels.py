@@ -353,6 +353,55 @@ def test_batched_svdvals_big_stack_and_errors(engine):
         kernels.batched_svdvals(np.ones(3), engine=engine)
 
 
+def _check_svd(A, parts, full_matrices, tol):
+    """``parts = (U, S, Vh)`` is an SVD of the stack ``A``: shapes, S equal to the oracle's and
+    descending, ``U diag(S) Vh = A`` and orthonormal ``U``, ``Vh``, each to ``tol`` (of the
+    largest singular value for the first two). Any decomposition passing this is an SVD of A
+    (the singular vectors themselves are unique only up to sign and rotation)."""
+    U, S, Vh = (np.asarray(p) for p in parts)
+    *batch, m, n = A.shape
+    k = min(m, n)
+    mu, nv = (m, n) if full_matrices else (k, k)
+    assert (U.shape, S.shape, Vh.shape) == ((*batch, m, mu), (*batch, k), (*batch, nv, n))
+    ref = numpy_engine.batched_svdvals(A)
+    assert U.dtype == Vh.dtype == A.dtype and S.dtype == ref.dtype
+    if A.size == 0:
+        return
+    largest = ref.max(axis=-1, keepdims=True)
+    assert (np.abs(S - ref) <= tol * largest).all()
+    assert (np.diff(S, axis=-1) <= 0).all()
+    A64, U64, Vh64 = A.astype(np.float64), U.astype(np.float64), Vh.astype(np.float64)
+    rebuilt = (U64[..., :, :k] * S[..., None, :]) @ Vh64[..., :k, :]
+    assert (np.abs(rebuilt - A64) <= 10 * tol * largest[..., None]).all()
+    for Q in (np.swapaxes(U64, -1, -2) @ U64, Vh64 @ np.swapaxes(Vh64, -1, -2)):
+        assert np.abs(Q - np.eye(Q.shape[-1])).max() <= 10 * tol
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+@settings(max_examples=60)
+@given(case=stacks(), full_matrices=st.booleans())
+def test_batched_svd_is_an_svd(engine, case, full_matrices):
+    batch, m, n, dtype, layout, seed = case
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal(batch + (m, n)).astype(dtype)
+    if A.size and rng.random() < 0.3:
+        A[..., :, 0] = 0  # rank-deficient: the null-space vectors are any orthonormal completion
+    A = _stack_layout(A, layout)
+    parts = kernels.batched_svd(A, full_matrices=full_matrices, engine=engine)
+    _check_svd(A, parts, full_matrices, 1e-13 if dtype == np.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_batched_svd_big_stack_and_errors(engine):
+    A = np.random.default_rng(3).standard_normal((40, 30, 20))
+    for full_matrices in (False, True):
+        _check_svd(A, kernels.batched_svd(A, full_matrices=full_matrices, engine=engine), full_matrices, 1e-13)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        kernels.batched_svd(np.ones(3), engine=engine)
+    with pytest.raises(TypeError, match="full_matrices must be a bool"):
+        kernels.batched_svd(A, full_matrices="yes", engine=engine)
+
+
 @pytest.mark.parametrize("engine", CPU_ENGINES)
 @settings(max_examples=30)
 @given(case=stacks(), k=st.integers(1, 9))
@@ -715,6 +764,14 @@ def _check_cupy_engine(cp, dtype, method):
     ref = np.linalg.svd(A, compute_uv=False)
     got = cp.asnumpy(kernels.batched_svdvals(cp.asarray(A)))
     assert np.abs(got - ref).max() <= (1e-13 if dtype == np.float64 else 1e-5) * 10 * ref.max()
+    for full_matrices in (False, True):
+        for stack in (A, A[0], A[:0]):  # a stack, one matrix, an empty stack
+            dev = kernels.batched_svd(cp.asarray(stack), full_matrices=full_matrices)
+            assert all(isinstance(p, cp.ndarray) for p in dev)
+            _check_svd(stack, [cp.asnumpy(p) for p in dev], full_matrices, 10 * tol)
+            host = kernels.batched_svd(stack, full_matrices=full_matrices, engine="cupy")
+            assert all(type(p) is np.ndarray for p in host)
+            _check_svd(stack, host, full_matrices, 10 * tol)
     np.testing.assert_allclose(kernels.batched_matmul(A, A.swapaxes(1, 2), engine="cupy"), A @ A.swapaxes(1, 2), rtol=10 * tol, atol=10 * tol)
     s = (np.abs(rng.standard_normal(5000)) * rng.random(5000) ** 4).astype(dtype)
     for k in (1, 500, 5000):
