@@ -14,7 +14,7 @@ from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, M
 from .losses import cross_entropy, get_loss, mse
 from .arch import build
 from .isometry import approximate_isometry, isometry_residuals, l1_neuron_prune, orthp
-from .jacobians import jacobian, layer_jacobians
+from .jacobians import jacobian, jacobian_svd, layer_jacobians
 from .spectrum import jsv_stats, singular_values
 from .lottery import imp
 from .network import Network, Trace, load_network, mlp
@@ -40,6 +40,7 @@ __all__ = [
     "arch",
     "build",
     "jacobian",
+    "jacobian_svd",
     "jacobians",
     "jsv_stats",
     "layer_jacobians",

@@ -19,6 +19,9 @@ the side with fewer vectors, so the ``10 x 784`` Jacobian of an MNIST classifier
 backward passes, not 784. For a dense layer a batch of ``m`` vectors per example is one matrix
 product with the shared weight: ``(G * D) W`` (reverse) or ``(V W^T) * D`` (forward).
 
+:func:`jacobian_svd` decomposes every example's Jacobian, ``J = U diag(s) V^T``: the rows of ``V^T``
+are the input directions in order of how much the network stretches them, ``J v_i = s_i u_i``.
+
 For nets too large for dense Jacobians, :func:`jacobian_operator` gives a matrix-free
 ``scipy.sparse.linalg.LinearOperator`` for one example, and :func:`extreme_singular_values` finds
 the largest and smallest singular values through it (ARPACK ``svds`` or LOBPCG).
@@ -31,6 +34,7 @@ from math import prod
 import numpy as np
 from scipy.sparse import linalg as spla
 
+from . import kernels
 from ._checks import check_choice, check_int
 from .layers import Dense, Flatten, _mask_of
 from .network import Network
@@ -39,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_ELEMENTS",
     "layer_jacobians",
     "jacobian",
+    "jacobian_svd",
     "jvp",
     "vjp",
     "jacobian_operator",
@@ -207,6 +212,35 @@ def jacobian(net, x, start: int = 0, end: int | None = None, *, mode: str = "aut
         return pullback(net, trace, G, start, end)  # (B, N_end, N_start)
     V = np.broadcast_to(np.eye(n_in, dtype=dtype), (B, n_in, n_in))
     return pushforward(net, trace, V, start, end).transpose(0, 2, 1)  # (B, N_end, N_start)
+
+
+def jacobian_svd(net, x, start: int = 0, end: int | None = None, *, full_matrices: bool = False, engine=None,
+                 trace=None, max_elements=None) -> tuple:
+    r"""The singular value decomposition of every example's Jacobian ``J^{start,end}``:
+
+    .. math:: J_b = U_b \,\mathrm{diag}(s_b)\, V_b^\top, \qquad J_b v_{b,i} = s_{b,i}\, u_{b,i},
+
+    with ``s`` descending: ``Vh[b, i]`` (the ``i``-th row of ``V_b^T``) is the input direction at
+    ``x^start`` (flattened in NCHW order) that the network stretches by ``s[b, i]``, and
+    ``U[b, :, i]`` the direction of ``x^end`` it is mapped to. A singular vector is determined
+    up to its sign (and within a repeated singular value up to a rotation).
+
+    Parameters
+    ----------
+    net, x, start, end, trace, max_elements
+        As in :func:`jacobian`.
+    full_matrices : bool
+        Square ``U`` ``(B, N_end, N_end)`` and ``Vh`` ``(B, N_start, N_start)`` instead of the
+        reduced ``(B, N_end, k)`` and ``(B, k, N_start)``, ``k = min(N_end, N_start)``.
+    engine : str, optional
+        Kernel engine of the decomposition (:func:`refnet.kernels.batched_svd`).
+
+    Returns
+    -------
+    U, s, Vh : ndarrays ``(B, N_end, k)``, ``(B, k)``, ``(B, k, N_start)``
+    """
+    J = jacobian(net, x, start, end, trace=trace, max_elements=max_elements)
+    return kernels.batched_svd(J, full_matrices=full_matrices, engine=engine)
 
 
 def _dense_chain(net, trace, dense: list, mode: str) -> np.ndarray:

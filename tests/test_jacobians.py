@@ -181,3 +181,34 @@ def test_errors(call, match):
         call(net, x)
     with pytest.raises(TypeError, match="net must be a refnet Network"):
         jac.jacobian("net", x)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_jacobian_svd_directions_through_jvp_and_vjp(kind):
+    """J v_i = s_i u_i and u_i^T J = s_i v_i^T, checked through the JVP and VJP (the layers' own
+    maps, not the Jacobian matrix) for every singular triple of every example."""
+    rng = np.random.default_rng(7)
+    if kind == "mlp":
+        net = rn.mlp([6, 9, 5, 4], activation="tanh", init="orthogonal", seed=3)
+        x, start, end = rng.standard_normal((3, 6)), 0, None
+    else:
+        net = rn.Network([rn.Conv2d(1, 2, 3, padding=1, activation="tanh"), rn.Flatten(), rn.Dense(2 * 4 * 4, 5)], in_shape=(1, 4, 4), seed=1)
+        x, start, end = rng.standard_normal((2, 1, 4, 4)), 0, 3
+    U, s, Vh = jac.jacobian_svd(net, x, start, end)
+    J = jac.jacobian(net, x, start, end)
+    B, n_end, n_start = J.shape
+    k = min(n_end, n_start)
+    assert (U.shape, s.shape, Vh.shape) == ((B, n_end, k), (B, k), (B, k, n_start))
+    assert rn.jacobian_svd is jac.jacobian_svd
+    np.testing.assert_allclose(s, np.linalg.svd(J, compute_uv=False), rtol=0, atol=1e-13 * s.max())
+    start_shape = net.shapes[start]
+    for i in range(k):
+        Jv = jac.jvp(net, x, Vh[:, i].reshape((B,) + tuple(start_shape)), start, end)
+        np.testing.assert_allclose(Jv, s[:, i, None] * U[:, :, i], rtol=0, atol=1e-12 * s.max())
+        uJ = jac.vjp(net, x, U[:, :, i], start, end)
+        np.testing.assert_allclose(uJ.reshape(B, -1), s[:, i, None] * Vh[:, i], rtol=0, atol=1e-12 * s.max())
+    Uf, sf, Vhf = jac.jacobian_svd(net, x, start, end, full_matrices=True, engine="numpy")
+    assert Uf.shape == (B, n_end, n_end) and Vhf.shape == (B, n_start, n_start)
+    np.testing.assert_allclose(sf, s, rtol=0, atol=1e-13 * s.max())
+    with pytest.raises(TypeError, match="full_matrices must be a bool"):
+        jac.jacobian_svd(net, x, start, end, full_matrices=1)
