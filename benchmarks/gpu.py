@@ -19,7 +19,8 @@ Cases (float64 unless said):
   ``np.linalg.svd(compute_uv=False)``. The kernels issue's target, 20x the 2-core CPU engine,
   compares with the CPU rows run on two cores: ``NUMBA_NUM_THREADS=2 OMP_NUM_THREADS=2
   OPENBLAS_NUM_THREADS=2 taskset -c 0,1 python -m benchmarks gpu``. The largest deviation from
-  the CPU singular values is recorded (``max_dev_rel``, relative to the largest value).
+  the CPU singular values is recorded (``max_dev_rel``, relative to the largest value). The
+  same stacks' whole decompositions (``kernels.batched_svd``), checked by ``U diag(S) Vh = A``.
 * the singular values of the Jacobians of the signal-propagation cases (the Jacobians are
   computed on the CPU by refnet's NumPy engine; their singular values on the GPU).
 * 100 approximate-isometry steps at N = 1024, 90% sparse: cupy dense and CSR against the CPU
@@ -131,6 +132,15 @@ def bench_svdvals(cp, quick) -> list[dict]:
             {"case": case, "impl": "refnet", "engine": "cupy", "max_dev_rel": dev, "seconds": gt(lambda: kernels.batched_svdvals(dA))},
             {"case": case, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("batched_svdvals", A), "seconds": _time(lambda: kernels.batched_svdvals(A), quick)},
             {"case": case, "impl": "np.linalg.svd(compute_uv=False)", "seconds": _time(lambda: np.linalg.svd(A, compute_uv=False), quick)},
+        ]
+        full = f"full SVD (U, S, Vh) of {count} matrices {n}x{n} float64"
+        U, S, Vh = (cp.asnumpy(p) for p in kernels.batched_svd(dA))
+        _close(S, ref, 1e-10, full)
+        dev = _close((U * S[:, None, :]) @ Vh, A, 1e-10, f"{full}: U diag(S) Vh against A")
+        rows += [
+            {"case": full, "impl": "refnet", "engine": "cupy", "max_dev_rel": dev, "seconds": gt(lambda: kernels.batched_svd(dA))},
+            {"case": full, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("batched_svd", A), "seconds": _time(lambda: kernels.batched_svd(A), quick)},
+            {"case": full, "impl": "np.linalg.svd(full_matrices=False)", "seconds": _time(lambda: np.linalg.svd(A, full_matrices=False), quick)},
         ]
         print(f"  done {case}", flush=True)
     return rows

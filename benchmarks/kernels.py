@@ -13,7 +13,8 @@ Cases (float64 unless said; each time is the median of repeated runs, ratios = t
   Context row "scipy CSR (values from W each call)": what SciPy costs in training, where W
   changes every step and the CSR values must be refreshed (refnet pays that gather too).
 * batched singular values: 100 matrices 100 x 100, float64: ``kernels.batched_svdvals`` vs
-  ``np.linalg.svd(compute_uv=False)``, ``torch.linalg.svdvals``, ``jax.jit(jnp.linalg.svd)``.
+  ``np.linalg.svd(compute_uv=False)``, ``torch.linalg.svdvals``, ``jax.jit(jnp.linalg.svd)``;
+  and the whole decomposition ``kernels.batched_svd`` vs the same three with the vectors.
 * 100 approximate-isometry steps, N = 1024, 90% sparse, float64: ``kernels.isometry_step`` vs a
   dense NumPy step, SciPy CSR, PyTorch (dense) and a JAX ``jit`` of the 100-step loop.
 
@@ -194,6 +195,31 @@ def bench_svdvals(quick=False) -> list[dict]:
         jA = jax.device_put(A)
         f = jax.jit(lambda a: jax.numpy.linalg.svd(a, compute_uv=False))
         rows.append({"case": case, "impl": "jax jit svd(compute_uv=False)", "seconds": _time(lambda: f(jA).block_until_ready(), quick)})
+    return rows
+
+
+def bench_svd(quick=False) -> list[dict]:
+    """The whole decomposition (U, S, Vh, reduced) of the same stack as :func:`bench_svdvals`."""
+    from refnet import kernels
+
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((100, 100, 100))
+    case = "full SVD (U, S, Vh) of 100 matrices 100x100 float64"
+    U, S, Vh = kernels.batched_svd(A)
+    assert np.abs((U * S[:, None, :]) @ Vh - A).max() <= 1e-12 * S.max()
+    rows = [
+        {"case": case, "impl": "refnet", "seconds": _time(lambda: kernels.batched_svd(A), quick), "engine": kernels.resolve_engine("batched_svd", A)},
+        {"case": case, "impl": "np.linalg.svd(full_matrices=False)", "seconds": _time(lambda: np.linalg.svd(A, full_matrices=False), quick)},
+    ]
+    torch = _torch()
+    if torch is not None:
+        tA = torch.from_numpy(A)
+        rows.append({"case": case, "impl": "torch.linalg.svd(full_matrices=False)", "seconds": _time(lambda: torch.linalg.svd(tA, full_matrices=False), quick)})
+    jax = _jax()
+    if jax is not None:
+        jA = jax.device_put(A)
+        f = jax.jit(lambda a: jax.numpy.linalg.svd(a, full_matrices=False))
+        rows.append({"case": case, "impl": "jax jit svd(full_matrices=False)", "seconds": _time(lambda: jax.block_until_ready(f(jA)), quick)})
     return rows
 
 
@@ -388,6 +414,7 @@ def run(quick: bool = False) -> list[dict]:
     rows += bench_masked_matmul(quick)
     rows += bench_masked_matmul(quick, transpose=True)
     rows += bench_svdvals(quick)
+    rows += bench_svd(quick)
     rows += bench_batched_matmul(quick)
     rows += bench_isometry(quick)
     return rows
@@ -398,7 +425,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--crossover", action="store_true", help="sparsity sweep dense vs CSR")
     ap.add_argument("--probe", action="store_true", help="are both cores free? (2-thread vs 1-thread dgemm)")
-    ap.add_argument("--only", nargs="*", choices=["matmul", "matmul_t", "svdvals", "batched_matmul", "isometry"], help="run only these cases")
+    ap.add_argument("--only", nargs="*", choices=["matmul", "matmul_t", "svdvals", "svd", "batched_matmul", "isometry"], help="run only these cases")
     ap.add_argument("--out", default=None, help="JSON file to write")
     args = ap.parse_args(argv)
     if not args.probe:
@@ -416,7 +443,7 @@ def main(argv=None) -> int:
     if args.crossover:
         payload["crossover"] = crossover()
     if not args.probe and not args.crossover or args.only:
-        only = args.only or ["matmul", "matmul_t", "svdvals", "batched_matmul", "isometry"]
+        only = args.only or ["matmul", "matmul_t", "svdvals", "svd", "batched_matmul", "isometry"]
         rows = []
         if "matmul" in only:
             rows += bench_masked_matmul(args.quick)
@@ -424,6 +451,8 @@ def main(argv=None) -> int:
             rows += bench_masked_matmul(args.quick, transpose=True)
         if "svdvals" in only:
             rows += bench_svdvals(args.quick)
+        if "svd" in only:
+            rows += bench_svd(args.quick)
         if "batched_matmul" in only:
             rows += bench_batched_matmul(args.quick)
         if "isometry" in only:

@@ -43,8 +43,8 @@ def test_every_case_runs_on_the_stand_in(monkeypatch, tiny, capsys):
     for r in rows:
         cases.setdefault(r["case"], []).append(r)
         assert r["seconds"] > 0 and r["gpu"] == "NumPy stand-in for CuPy (no GPU)"
-    # 2 forward + 2 transposed matmul cases, 1 SVD stack, 1 Jacobian stack, isometry, select
-    assert len(cases) == 8
+    # 2 forward + 2 transposed matmul cases, 1 SVD stack (values, and the full SVD), 1 Jacobian stack, isometry, select
+    assert len(cases) == 9
     for case, rs in cases.items():
         assert [r["impl"] for r in rs].count("refnet") == 1, case
         assert next(r for r in rs if r["impl"] == "refnet")["engine"] == "cupy"
@@ -53,7 +53,7 @@ def test_every_case_runs_on_the_stand_in(monkeypatch, tiny, capsys):
     assert "GPU: NumPy stand-in for CuPy (no GPU)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kernel, bench", [("batched_svdvals", gpu.bench_svdvals), ("masked_matmul", gpu.bench_masked_matmul), ("isometry_step", gpu.bench_isometry)])
+@pytest.mark.parametrize("kernel, bench", [("batched_svdvals", gpu.bench_svdvals), ("batched_svd", gpu.bench_svdvals), ("masked_matmul", gpu.bench_masked_matmul), ("isometry_step", gpu.bench_isometry)])
 def test_a_wrong_gpu_result_stops_the_suite(monkeypatch, tiny, kernel, bench):
     cp = fake_cupy.install(monkeypatch)
     from refnet.kernels import _load
@@ -63,8 +63,8 @@ def test_a_wrong_gpu_result_stops_the_suite(monkeypatch, tiny, kernel, bench):
 
     def off(*args, **kw):
         out = real(*args, **kw)
-        if isinstance(out, tuple):
-            return (out[0] * (1 + 1e-6),) + out[1:]
+        if isinstance(out, tuple):  # (V, residual) or (U, S, Vh): the first array is off
+            return (out[0] * (1 + 1e-6),) + tuple(out[1:])
         return out * (1 + 1e-6)
 
     monkeypatch.setattr(engine, kernel, off)
