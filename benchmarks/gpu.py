@@ -16,7 +16,7 @@ Cases (float64 unless said):
   precomputed.
 * batched singular values, 100 matrices 100 x 100 and 1,000 Jacobian-sized matrices 256 x 256
   (``--quick``: 100 of 256 x 256): the cupy engine (cuSOLVER) against the CPU engine and
-  ``np.linalg.svd(compute_uv=False)``. The kernels issue's target, 20x the 2-core CPU engine,
+  ``np.linalg.svd(compute_uv=False)``. The project's target, 20x the 2-core CPU engine,
   compares with the CPU rows run on two cores: ``NUMBA_NUM_THREADS=2 OMP_NUM_THREADS=2
   OPENBLAS_NUM_THREADS=2 taskset -c 0,1 python -m benchmarks gpu``. The largest deviation from
   the CPU singular values is recorded (``max_dev_rel``, relative to the largest value). The
