@@ -173,54 +173,42 @@ def bench_masked_matmul(quick=False, transpose=False) -> list[dict]:
 # -------------------------------------------------------------------------------------------
 
 
-def bench_svdvals(quick=False) -> list[dict]:
+def bench_svdvals(quick=False, full=False) -> list[dict]:
+    """Singular values (``full``: the whole reduced decomposition U, S, Vh) of 100 matrices 100 x 100."""
     from refnet import kernels
 
     rng = np.random.default_rng(1)
     A = rng.standard_normal((100, 100, 100))
-    case = "singular values of 100 matrices 100x100 float64"
     ref = np.linalg.svd(A, compute_uv=False)
-    got = kernels.batched_svdvals(A)
-    assert np.abs(got - ref).max() <= 1e-13 * ref.max()
+    if full:
+        case, kernel, arg = "full SVD (U, S, Vh) of 100 matrices 100x100 float64", "batched_svd", "full_matrices=False"
+        U, S, Vh = kernels.batched_svd(A)
+        assert np.abs(S - ref).max() <= 1e-13 * ref.max() and np.abs((U * S[:, None, :]) @ Vh - A).max() <= 1e-12 * ref.max()
+    else:
+        case, kernel, arg = "singular values of 100 matrices 100x100 float64", "batched_svdvals", "compute_uv=False"
+        assert np.abs(kernels.batched_svdvals(A) - ref).max() <= 1e-13 * ref.max()
+    kw = {"full_matrices": False} if full else {"compute_uv": False}
+    ours = getattr(kernels, kernel)
     rows = [
-        {"case": case, "impl": "refnet", "seconds": _time(lambda: kernels.batched_svdvals(A), quick), "engine": kernels.resolve_engine("batched_svdvals", A)},
-        {"case": case, "impl": "np.linalg.svd(compute_uv=False)", "seconds": _time(lambda: np.linalg.svd(A, compute_uv=False), quick)},
+        {"case": case, "impl": "refnet", "seconds": _time(lambda: ours(A), quick), "engine": kernels.resolve_engine(kernel, A)},
+        {"case": case, "impl": f"np.linalg.svd({arg})", "seconds": _time(lambda: np.linalg.svd(A, **kw), quick)},
     ]
     torch = _torch()
     if torch is not None:
         tA = torch.from_numpy(A)
-        rows.append({"case": case, "impl": "torch.linalg.svdvals", "seconds": _time(lambda: torch.linalg.svdvals(tA), quick)})
+        tf, tname = (lambda: torch.linalg.svd(tA, full_matrices=False), "svd(full_matrices=False)") if full else (lambda: torch.linalg.svdvals(tA), "svdvals")
+        rows.append({"case": case, "impl": f"torch.linalg.{tname}", "seconds": _time(tf, quick)})
     jax = _jax()
     if jax is not None:
         jA = jax.device_put(A)
-        f = jax.jit(lambda a: jax.numpy.linalg.svd(a, compute_uv=False))
-        rows.append({"case": case, "impl": "jax jit svd(compute_uv=False)", "seconds": _time(lambda: f(jA).block_until_ready(), quick)})
+        f = jax.jit(lambda a: jax.numpy.linalg.svd(a, **kw))
+        rows.append({"case": case, "impl": f"jax jit svd({arg})", "seconds": _time(lambda: jax.block_until_ready(f(jA)), quick)})
     return rows
 
 
 def bench_svd(quick=False) -> list[dict]:
-    """The whole decomposition (U, S, Vh, reduced) of the same stack as :func:`bench_svdvals`."""
-    from refnet import kernels
-
-    rng = np.random.default_rng(1)
-    A = rng.standard_normal((100, 100, 100))
-    case = "full SVD (U, S, Vh) of 100 matrices 100x100 float64"
-    U, S, Vh = kernels.batched_svd(A)
-    assert np.abs((U * S[:, None, :]) @ Vh - A).max() <= 1e-12 * S.max()
-    rows = [
-        {"case": case, "impl": "refnet", "seconds": _time(lambda: kernels.batched_svd(A), quick), "engine": kernels.resolve_engine("batched_svd", A)},
-        {"case": case, "impl": "np.linalg.svd(full_matrices=False)", "seconds": _time(lambda: np.linalg.svd(A, full_matrices=False), quick)},
-    ]
-    torch = _torch()
-    if torch is not None:
-        tA = torch.from_numpy(A)
-        rows.append({"case": case, "impl": "torch.linalg.svd(full_matrices=False)", "seconds": _time(lambda: torch.linalg.svd(tA, full_matrices=False), quick)})
-    jax = _jax()
-    if jax is not None:
-        jA = jax.device_put(A)
-        f = jax.jit(lambda a: jax.numpy.linalg.svd(a, full_matrices=False))
-        rows.append({"case": case, "impl": "jax jit svd(full_matrices=False)", "seconds": _time(lambda: jax.block_until_ready(f(jA)), quick)})
-    return rows
+    """The whole decomposition of the same stack as :func:`bench_svdvals`."""
+    return bench_svdvals(quick, full=True)
 
 
 # -------------------------------------------------------------------------------------------

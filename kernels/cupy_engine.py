@@ -105,6 +105,20 @@ def batched_matmul_chain(mats):
     return _back(P, host)
 
 
+def _stacked_svd(A, **kw):
+    """``cupy.linalg.svd(A, **kw)`` on a stack, or one call per matrix where this CuPy does not
+    take stacks: the values (``compute_uv=False``) or ``(U, S, Vh)``."""
+    try:
+        return cp.linalg.svd(A, **kw)
+    except (ValueError, NotImplementedError, cp.linalg.LinAlgError):
+        if A.ndim == 2:
+            raise
+    each = [cp.linalg.svd(a, **kw) for a in A.reshape((-1,) + A.shape[-2:])]
+    if kw.get("compute_uv", True) is False:
+        return cp.stack(each).reshape(A.shape[:-2] + each[0].shape)
+    return tuple(cp.stack([e[j] for e in each]).reshape(A.shape[:-2] + each[0][j].shape) for j in range(3))
+
+
 def batched_svdvals(A):
     """Singular values of a stack ``(..., m, n)``, descending: ``cupy.linalg.svd`` on the whole
     stack (cuSOLVER; batched gesvdj for small matrices), one call per matrix on CuPy versions
@@ -117,14 +131,7 @@ def batched_svdvals(A):
     if A.size == 0:
         dt = np.finfo(A.dtype if A.dtype.kind in "fc" else np.float64).dtype
         return _back(cp.zeros(A.shape[:-2] + (k,), dtype=dt), host)
-    try:
-        s = cp.linalg.svd(A, compute_uv=False)
-    except (ValueError, NotImplementedError, cp.linalg.LinAlgError):
-        if A.ndim == 2:
-            raise
-        flat = A.reshape((-1,) + A.shape[-2:])
-        s = cp.stack([cp.linalg.svd(a, compute_uv=False) for a in flat]).reshape(A.shape[:-2] + (k,))
-    return _back(s, host)
+    return _back(_stacked_svd(A, compute_uv=False), host)
 
 
 def batched_svd(A, full_matrices: bool = False):
@@ -136,15 +143,7 @@ def batched_svd(A, full_matrices: bool = False):
         raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
     if A.size == 0:
         return tuple(_back(_dev(part), host) for part in np.linalg.svd(cp.asnumpy(A), full_matrices=full_matrices))
-    try:
-        parts = cp.linalg.svd(A, full_matrices=full_matrices)
-    except (ValueError, NotImplementedError, cp.linalg.LinAlgError):
-        if A.ndim == 2:
-            raise
-        flat = A.reshape((-1,) + A.shape[-2:])
-        each = [cp.linalg.svd(a, full_matrices=full_matrices) for a in flat]
-        parts = [cp.stack([e[j] for e in each]).reshape(A.shape[:-2] + each[0][j].shape) for j in range(3)]
-    return tuple(_back(part, host) for part in parts)
+    return tuple(_back(part, host) for part in _stacked_svd(A, full_matrices=full_matrices))
 
 
 def isometry_step(V, mask, lr: float, squared: bool = False, *, method: str = "auto"):

@@ -704,6 +704,26 @@ def test_every_engine_provides_every_kernel(monkeypatch):
     assert set(numpy_engine.ENGINE_KERNELS) <= set(kernels.__all__)
 
 
+def test_cupy_svd_of_a_stack_falls_back_to_one_call_per_matrix(monkeypatch):
+    """On a CuPy whose ``linalg.svd`` takes no stacks, the engine decomposes matrix by matrix."""
+    cp = fake_cupy.install(monkeypatch)
+    real, calls = cp.linalg.svd, []
+
+    def no_stacks(a, **kw):
+        calls.append(a.ndim)
+        if a.ndim > 2:
+            raise NotImplementedError("stacked SVD")
+        return real(a, **kw)
+
+    monkeypatch.setattr(cp.linalg, "svd", no_stacks)
+    A = np.random.default_rng(4).standard_normal((2, 3, 7, 5))
+    got = kernels.batched_svdvals(cp.asarray(A))
+    np.testing.assert_allclose(cp.asnumpy(got), np.linalg.svd(A, compute_uv=False), rtol=0, atol=1e-12)
+    for full_matrices in (False, True):
+        _check_svd(A, [cp.asnumpy(p) for p in kernels.batched_svd(cp.asarray(A), full_matrices=full_matrices)], full_matrices, 1e-13)
+    assert calls == 3 * ([4] + [2] * 6)  # each: the refused stack, then its six matrices
+
+
 def test_the_cupy_stand_in_refuses_host_arrays(monkeypatch):
     """The stand-in is as strict as CuPy about mixing host and device arrays (else the test
     above could not catch an operand the engine forgot to move)."""
