@@ -793,8 +793,8 @@ def _check_cupy_engine(cp, dtype, method):
             assert all(type(p) is np.ndarray for p in host)
             _check_svd(stack, host, full_matrices, 10 * tol)
     np.testing.assert_allclose(kernels.batched_matmul(A, A.swapaxes(1, 2), engine="cupy"), A @ A.swapaxes(1, 2), rtol=10 * tol, atol=10 * tol)
-    chain = [A, A.swapaxes(1, 2), A]  # (5, 12, 9) -> (5, 9, 12) -> ... : later factors on the left
-    np.testing.assert_allclose(kernels.batched_matmul_chain(chain, engine="cupy"), A @ (A.swapaxes(1, 2) @ A), rtol=10 * tol, atol=100 * tol)
+    X, Y, Z = rng.standard_normal((3, 5, 6, 6)).astype(dtype)  # square, so a wrong order still fits
+    np.testing.assert_allclose(kernels.batched_matmul_chain([X, Y, Z], engine="cupy"), Z @ Y @ X, rtol=10 * tol, atol=100 * tol)
     s = (np.abs(rng.standard_normal(5000)) * rng.random(5000) ** 4).astype(dtype)
     for k in (1, 500, 5000):
         assert kernels.kth_largest(s, k, engine="cupy") == np.partition(s, s.size - k)[s.size - k]
