@@ -115,24 +115,26 @@ def set_engine(name: str | None) -> None:
     """Run every kernel on engine ``name`` ("numpy", "numba", "cupy"; "auto" or None: back to
     the environment variable / automatic choice). An explicit ``engine=`` argument still wins.
     The engine is imported now, so a missing package fails here, not in the middle of a run."""
+    _swap_engine(name)
+
+
+def _swap_engine(name):
+    """Check ``name``, import its engine (so a missing package fails before anything changes),
+    make it the one in force; returns the name and the previous choice."""
     global _engine_set
     name = _check_name(name, "name")
     if name is not None:
         _load(name)
     with _state_lock:
-        _engine_set = name
+        previous, _engine_set = _engine_set, name
+    return name, previous
 
 
 @contextlib.contextmanager
 def use_engine(name: str | None):
     """``with use_engine("numba"): ...``: :func:`set_engine` for the block, restored after."""
     global _engine_set
-    name = _check_name(name, "name")
-    if name is not None:
-        _load(name)
-    with _state_lock:
-        previous = _engine_set
-        _engine_set = name
+    name, previous = _swap_engine(name)
     try:
         yield name
     finally:

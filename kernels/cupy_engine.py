@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without CuPy
     raise ImportError(f"the 'cupy' engine needs CuPy, which could not be imported ({exc}): pip install refnet[gpu]") from exc
 
 from ._structure import cached
-from .numpy_engine import ENGINE_KERNELS, _check_method  # one kernel list and one list of methods for every engine
+from .numpy_engine import ENGINE_KERNELS, _check_method, _check_stack  # one kernel list, one list of methods, one stack check
 
 __all__ = list(ENGINE_KERNELS)
 
@@ -124,9 +124,7 @@ def batched_svdvals(A):
     stack (cuSOLVER; batched gesvdj for small matrices), one call per matrix on CuPy versions
     without stacked SVD."""
     host = _on_host(A)
-    A = _dev(A)
-    if A.ndim < 2:
-        raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
+    A = _check_stack(_dev(A))
     k = min(A.shape[-2:])
     if A.size == 0:
         dt = np.finfo(A.dtype if A.dtype.kind in "fc" else np.float64).dtype
@@ -138,9 +136,7 @@ def batched_svd(A, full_matrices: bool = False):
     """``(U, S, Vh)`` of every matrix of a stack (``cupy.linalg.svd``: cuSOLVER; one call per
     matrix on CuPy versions without stacked SVD). Empty stacks: NumPy's answer, on the device."""
     host = _on_host(A)
-    A = _dev(A)
-    if A.ndim < 2:
-        raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
+    A = _check_stack(_dev(A))
     if A.size == 0:
         return tuple(_back(_dev(part), host) for part in np.linalg.svd(cp.asnumpy(A), full_matrices=full_matrices))
     return tuple(_back(part, host) for part in _stacked_svd(A, full_matrices=full_matrices))

@@ -692,17 +692,10 @@ def _pooled(A, full_matrices=None):
     return tuple(o.reshape(batch + o.shape[1:]) for o in outs)
 
 
-def _check_stack(A):
-    A = np.asarray(A)
-    if A.ndim < 2:
-        raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
-    return A
-
-
 def batched_svdvals(A):
     """Singular values of a stack ``(..., m, n)``, descending: LAPACK gesdd per matrix, the
     stack split over Numba's thread count in a pool of Python threads."""
-    A = _check_stack(A)
+    A = _np_engine._check_stack(np.asarray(A))
     out = _pooled(A)
     return _np_engine.batched_svdvals(A) if out is None else out[0]
 
@@ -711,7 +704,7 @@ def batched_svd(A, full_matrices: bool = False):
     """``(U, S, Vh)`` of every matrix of a stack (see :func:`refnet.kernels.numpy_engine.batched_svd`):
     LAPACK gesdd per matrix on chunks of the stack, one chunk per thread, as
     :func:`batched_svdvals`; float32/float64 input (other dtypes: the oracle)."""
-    A = _check_stack(A)
+    A = _np_engine._check_stack(np.asarray(A))
     out = _pooled(A, bool(full_matrices))
     return _np_engine.batched_svd(A, full_matrices) if out is None else out
 

@@ -106,11 +106,16 @@ def batched_matmul_chain(mats) -> np.ndarray:
     return P
 
 
-def batched_svdvals(A: np.ndarray) -> np.ndarray:
-    """Singular values of every matrix of a stack ``(..., m, n)``, descending (LAPACK gesdd)."""
-    A = np.asarray(A)
+def _check_stack(A):
+    """``A`` itself (a NumPy or CuPy array) when it is a stack of matrices ``(..., m, n)``."""
     if A.ndim < 2:
         raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
+    return A
+
+
+def batched_svdvals(A: np.ndarray) -> np.ndarray:
+    """Singular values of every matrix of a stack ``(..., m, n)``, descending (LAPACK gesdd)."""
+    A = _check_stack(np.asarray(A))
     if A.size == 0:
         dt = A.dtype if A.dtype.kind in "fc" else np.float64
         return np.zeros(A.shape[:-2] + (min(A.shape[-2:]),), dtype=np.finfo(dt).dtype)
@@ -123,9 +128,7 @@ def batched_svd(A: np.ndarray, full_matrices: bool = False) -> tuple:
     ``(..., m, k)`` and ``Vh`` ``(..., k, n)``, ``k = min(m, n)`` (``full_matrices``: ``U``
     ``(..., m, m)``, ``Vh`` ``(..., n, n)``). Each singular vector is determined up to its sign
     (and within a repeated singular value up to a rotation)."""
-    A = np.asarray(A)
-    if A.ndim < 2:
-        raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
+    A = _check_stack(np.asarray(A))
     U, S, Vh = np.linalg.svd(A, full_matrices=full_matrices)
     return U, S, Vh
 
