@@ -61,7 +61,7 @@ from math import prod
 import numpy as np
 
 from . import kernels
-from ._args import float_in, int_at_least
+from .cli.args import float_in, int_at_least
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d, layer_from_dict
 from ._io import atomic_savez, atomic_write, atomic_write_text, json_float as _json_float, jsonable
 from .jacobians import jacobian

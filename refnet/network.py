@@ -28,7 +28,7 @@ from .init import Initializer, get_initializer
 from .layers import Dense, Layer, layer_from_dict
 from .losses import get_loss
 
-__all__ = ["Network", "Trace", "mlp", "load_network"]
+__all__ = ["Network", "Trace", "check_net", "mlp", "load_network"]
 
 FORMAT_VERSION = 1
 
@@ -489,6 +489,14 @@ class Network:
         if cfg.get("init"):
             net.init = [None if d is None else Initializer.from_dict(d) for d in cfg["init"]]
         return net
+
+
+def check_net(net, name: str = "net") -> Network:
+    """``net`` itself if it is a :class:`Network`; otherwise ``TypeError`` naming ``name`` and the
+    type given. The one check every algorithm module makes of its network argument."""
+    if not isinstance(net, Network):
+        raise TypeError(f"{name} must be a refnet Network, got {type(net).__name__}")
+    return net
 
 
 def load_network(path) -> Network:

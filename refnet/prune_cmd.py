@@ -31,7 +31,7 @@ METHODS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .arch import ARCH_HELP
-    from ._args import float_in, int_at_least
+    from .cli.args import float_in, int_at_least
     from .cli import _arch_name, _data_name, _init_name
 
     p.epilog = ARCH_HELP

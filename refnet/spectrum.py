@@ -355,7 +355,7 @@ def format_stats(stats: dict, title: str | None = None) -> str:
 # ============================================================================================
 
 def _gammas(text: str) -> list:
-    from ._args import float_in
+    from .cli.args import float_in
 
     return [float_in(0.0, lo_open=True)(t) for t in text.split(",") if t.strip()]
 
@@ -363,7 +363,7 @@ def _gammas(text: str) -> list:
 def add_spectrum_arguments(p: argparse.ArgumentParser) -> None:
     """Add the options of ``refnet spectrum`` to a parser (for :func:`refnet.cli.register`)."""
     from .arch import ARCH_HELP
-    from ._args import float_in, int_at_least
+    from .cli.args import float_in, int_at_least
 
     _positive_float, _nonneg_float = float_in(0.0, lo_open=True), float_in(0.0)
     p.epilog = ARCH_HELP

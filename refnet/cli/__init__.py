@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ._args import float_in, int_at_least
+from .args import float_in, int_at_least
 
 __all__ = ["Command", "main", "register", "build_parser"]
 
@@ -83,8 +83,8 @@ def _lr_phases(text: str) -> list:
 
 
 def _init_name(text: str) -> str:
-    from ._checks import check_choice
-    from .init import INIT_NAMES
+    from .._checks import check_choice
+    from ..init import INIT_NAMES
 
     names = list(INIT_NAMES) + ["vs-l", "vs-g", "vs-h", "ldi"]
     try:
@@ -95,7 +95,7 @@ def _init_name(text: str) -> str:
 
 
 def _arch_name(text: str) -> str:
-    from .arch import parse_arch
+    from ..arch import parse_arch
 
     try:
         parse_arch(text)
@@ -105,7 +105,7 @@ def _arch_name(text: str) -> str:
 
 
 def _data_name(text: str) -> str:
-    from .data import DATASETS
+    from ..data import DATASETS
 
     key = text.lower().replace("_", "-")
     if key not in DATASETS:
@@ -119,7 +119,7 @@ def _data_name(text: str) -> str:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from .arch import ARCH_HELP
+    from ..arch import ARCH_HELP
 
     p.epilog = ARCH_HELP
     g = p.add_argument_group("data and model")
@@ -151,9 +151,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from . import data
-    from .arch import build, parse_arch
-    from .training import train
+    from .. import data
+    from ..arch import build, parse_arch
+    from ..training import train
 
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
@@ -238,10 +238,10 @@ def _delegate(module: str, add: str, run: str):
     refnet), imported only when the command is used, so that ``refnet --help`` stays fast."""
 
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        getattr(importlib.import_module(module, __package__), add)(p)
+        getattr(importlib.import_module(module, 'refnet'), add)(p)
 
     def run_command(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(module, __package__), run)(args)
+        return getattr(importlib.import_module(module, 'refnet'), run)(args)
 
     return add_arguments, run_command
 
@@ -308,7 +308,7 @@ register(
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered command."""
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog=PROG, description="refnet: a float64 reference for pruning at initialization.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
