@@ -16,8 +16,11 @@ accumulated as a stack of vector products through the layers' own maps: in rever
 ``N_l`` unit cotangents ``e_i^T`` are pulled back through the layers (``N_l`` VJPs per example), in
 forward mode the ``N_k`` unit tangents are pushed forward (``N_k`` JVPs). :func:`jacobian` picks
 the side with fewer vectors, so the ``10 x 784`` Jacobian of an MNIST classifier costs 10
-backward passes, not 784. For a dense layer a batch of ``m`` vectors per example is one matrix
-product with the shared weight: ``(G * D) W`` (reverse) or ``(V W^T) * D`` (forward).
+backward passes, not 784. Each layer does its part through its own multi-vector products
+(:meth:`refnet.layers.Layer.vjp_many` / :meth:`~refnet.layers.Layer.jvp_many`): for a dense
+layer a batch of ``m`` vectors per example is one matrix product with the shared weight,
+``(G * D) W`` (reverse) or ``(V W^T) * D`` (forward), and a range of Dense layers is one chain
+of such products from their factors ``W`` and ``D`` (:meth:`refnet.layers.Dense.jacobian_factors`).
 
 :func:`jacobian_svd` decomposes every example's Jacobian, ``J = U diag(s) V^T``: the rows of ``V^T``
 are the input directions in order of how much the network stretches them, ``J v_i = s_i u_i``.
@@ -36,11 +39,12 @@ from scipy.sparse import linalg as spla
 
 from . import kernels
 from ._checks import check_choice, check_int
-from .layers import Dense, Flatten, _mask_of
-from .network import Network
+from .layers import Dense
+from .network import check_net
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
+    "check_range",
     "layer_jacobians",
     "jacobian",
     "jacobian_svd",
@@ -54,18 +58,20 @@ __all__ = [
 DEFAULT_MAX_ELEMENTS = 2**27
 
 
-def _check_net(net):
-    if not isinstance(net, Network):
-        raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")
-
-
-def _check_range(net, start, end):
+def check_range(net, start, end) -> tuple[int, int]:
+    """``(start, end)`` checked as a range of layers of ``net``: ``0 <= start < end <= K`` (``end``
+    None means K); ValueError naming both otherwise."""
     K = net.n_layers
     start = check_int(start, "start", min_value=0)
     end = K if end is None else check_int(end, "end", min_value=0)
     if not start < end <= K:
         raise ValueError(f"start and end must satisfy 0 <= start < end <= {K} (the number of layers), got start={start}, end={end}")
     return start, end
+
+
+# the names these checks had before they were public (refnet.spectrum still imports them)
+_check_net = check_net
+_check_range = check_range
 
 
 def _budget(n_elements: int, max_elements, what: str) -> None:
@@ -79,42 +85,9 @@ def _budget(n_elements: int, max_elements, what: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------
-# multi-vector products through one layer; vectors are rows: G, V are (B, m, n) (flattened)
+# multi-vector products through a range of layers; vectors are rows: G, V are (B, m, n)
+# (flattened), and each layer's own Layer.vjp_many / Layer.jvp_many does one layer
 # -------------------------------------------------------------------------------------------
-
-
-def _effective_W(params, mask):
-    mW = _mask_of(mask, "W")
-    return params["W"] if mW is None else params["W"] * mW
-
-
-def _vjp_many(layer, params, cache, mask, G, in_shape, out_shape):
-    """``G J`` for a stack ``G`` (B, m, N_out) of cotangents: (B, m, N_in)."""
-    B, m, _ = G.shape
-    if isinstance(layer, Dense):
-        W = _effective_W(params, mask)
-        return ((G * cache["D"][:, None, :]).reshape(B * m, -1) @ W).reshape(B, m, W.shape[1])
-    if isinstance(layer, Flatten):
-        return G
-    out = np.empty((B, m, prod(in_shape)), dtype=G.dtype)
-    for j in range(m):
-        gx, _ = layer.vjp(params, cache, G[:, j].reshape(B, *out_shape), mask)
-        out[:, j] = gx.reshape(B, -1)
-    return out
-
-
-def _jvp_many(layer, params, cache, mask, V, in_shape, out_shape):
-    """``(J V^T)^T`` for a stack ``V`` (B, m, N_in) of tangents: (B, m, N_out)."""
-    B, m, _ = V.shape
-    if isinstance(layer, Dense):
-        W = _effective_W(params, mask)
-        return (V.reshape(B * m, -1) @ W.T).reshape(B, m, W.shape[0]) * cache["D"][:, None, :]
-    if isinstance(layer, Flatten):
-        return V
-    out = np.empty((B, m, prod(out_shape)), dtype=V.dtype)
-    for j in range(m):
-        out[:, j] = layer.jvp(params, cache, V[:, j].reshape(B, *in_shape), mask).reshape(B, -1)
-    return out
 
 
 def _trace(net, x, trace):
@@ -126,14 +99,14 @@ def _trace(net, x, trace):
 def pullback(net, trace, G, start: int, end: int) -> np.ndarray:
     """Pull a stack of cotangents ``G`` (B, m, N_end) back to ``x^start``: ``G J^{start,end}``."""
     for l in range(end - 1, start - 1, -1):
-        G = _vjp_many(net.layers[l], net.params[l], trace.caches[l], net.masks[l], G, net.shapes[l], net.shapes[l + 1])
+        G = net.layers[l].vjp_many(net.params[l], trace.caches[l], G, net.masks[l], net.shapes[l], net.shapes[l + 1])
     return G
 
 
 def pushforward(net, trace, V, start: int, end: int) -> np.ndarray:
     """Push a stack of tangents ``V`` (B, m, N_start) forward to ``x^end``: rows of ``(J^{start,end} V^T)^T``."""
     for l in range(start, end):
-        V = _jvp_many(net.layers[l], net.params[l], trace.caches[l], net.masks[l], V, net.shapes[l], net.shapes[l + 1])
+        V = net.layers[l].jvp_many(net.params[l], trace.caches[l], V, net.masks[l], net.shapes[l], net.shapes[l + 1])
     return V
 
 
@@ -161,7 +134,7 @@ def layer_jacobians(net, x, *, trace=None, max_elements=None) -> list[np.ndarray
         layer (:meth:`refnet.layers.Dense.jacobian`), ``D^l M^l`` with ``M^l`` the convolution's
         operator matrix for a Conv2d layer, the identity for Flatten.
     """
-    _check_net(net)
+    check_net(net)
     trace = _trace(net, x, trace)
     B = trace.x.shape[0]
     out = []
@@ -192,8 +165,8 @@ def jacobian(net, x, start: int = 0, end: int | None = None, *, mode: str = "aut
     -------
     ndarray, shape (B, N_end, N_start)
     """
-    _check_net(net)
-    start, end = _check_range(net, start, end)
+    check_net(net)
+    start, end = check_range(net, start, end)
     mode = check_choice(mode, "mode", ["auto", "reverse", "forward"])
     trace = _trace(net, x, trace)
     B = trace.x.shape[0]
@@ -204,8 +177,8 @@ def jacobian(net, x, start: int = 0, end: int | None = None, *, mode: str = "aut
     widest = max(prod(s) for s in net.shapes[start : end + 1])
     _budget(B * m * widest, max_elements, f"J^({start},{end}) of {B} examples in {mode} mode")
     dtype = trace.x.dtype
-    dense = [l for l in range(start, end) if not isinstance(net.layers[l], Flatten)]
-    if dense and all(isinstance(net.layers[l], Dense) for l in dense):
+    dense = [l for l in range(start, end) if not net.layers[l].flat_identity]
+    if dense and all(isinstance(net.layers[l], Dense) for l in dense):  # the one fast path by layer type
         return _dense_chain(net, trace, dense, mode)
     if mode == "reverse":
         G = np.broadcast_to(np.eye(n_out, dtype=dtype), (B, n_out, n_out))
@@ -253,11 +226,10 @@ def _dense_chain(net, trace, dense: list, mode: str) -> np.ndarray:
     one thread). Same products as
     :func:`pullback` / :func:`pushforward`, in the same order, but one GEMM fewer."""
     B = trace.x.shape[0]
-    Ws = {l: _effective_W(net.params[l], net.masks[l]) for l in dense}
-    Ds = {l: trace.caches[l]["D"] for l in dense}  # (B, N_{l+1})
+    # (mask * W (N_{l+1}, N_l), D (B, N_{l+1})) of net.layers[l], whose Jacobian J^{l,l+1} is D W
+    factors = {l: net.layers[l].jacobian_factors(net.params[l], trace.caches[l], net.masks[l]) for l in dense}
     order = dense[::-1] if mode == "reverse" else dense
-    first = order[0]
-    W0, D0 = Ws[first], Ds[first]
+    W0, D0 = factors[order[0]]
     if mode == "reverse":  # rows of J^T... : G (B, m, N) with m = N_end
         J = D0[:, :, None] * W0[None, :, :]  # (B, N_out, N_in) = D W
     else:  # V (B, m, N) with m = N_start: (J V^T)^T rows, starts as W^T D
@@ -265,7 +237,7 @@ def _dense_chain(net, trace, dense: list, mode: str) -> np.ndarray:
     m = J.shape[1]
     spare = None  # the storage of the stack before the last one, reused for the next product
     for l in order[1:]:
-        W, D = Ws[l], Ds[l]
+        W, D = factors[l]
         if mode == "reverse":  # G <- (G * D) @ W
             np.multiply(J, D[:, None, :], out=J)
             n_next = W.shape[1]
@@ -289,8 +261,8 @@ def _one_vector_product(net, x, vec, name: str, start, end, trace, forward: bool
     """The body of :func:`jvp` (``forward``: ``vec`` a tangent at ``x^start``, pushed forward) and
     :func:`vjp` (a cotangent at ``x^end``, pulled back): one vector per example, checked, then
     sent through the layers as a stack of one."""
-    _check_net(net)
-    start, end = _check_range(net, start, end)
+    check_net(net)
+    start, end = check_range(net, start, end)
     trace = _trace(net, x, trace)
     B = trace.x.shape[0]
     vec = np.asarray(vec, dtype=trace.x.dtype)
@@ -318,8 +290,8 @@ def jacobian_operator(net, x, start: int = 0, end: int | None = None) -> spla.Li
     ``x`` is a single example ``(*net.in_shape)`` or a batch of one. ``matvec`` is a JVP and
     ``rmatvec`` a VJP through the layers; nothing of size ``N_end x N_start`` is formed.
     """
-    _check_net(net)
-    start, end = _check_range(net, start, end)
+    check_net(net)
+    start, end = check_range(net, start, end)
     x = np.asarray(x)
     if x.shape == tuple(net.in_shape):
         x = x[None]

@@ -18,6 +18,31 @@ Every layer implements one protocol (shapes are per batch; ``B`` examples as row
 ``jacobian(params, cache, mask=None) -> J``
     The per-example layer Jacobian ``J^{l-1,l} = D^l W^l`` as a dense ``(B, n_out, n_in)`` array
     over the flattened (NCHW) input and output.
+``vjp_many(params, cache, G, mask=None, in_shape=None, out_shape=None) -> G J``
+    Reverse mode for a stack of ``m`` cotangents per example: ``G`` is ``(B, m, N_out)`` (rows,
+    flattened NCHW), the result ``(B, m, N_in)``; row ``j`` of example ``b`` is
+    ``G[b, j] J^{l-1,l}_b``. The default loops over ``vjp``; Dense overrides it with one GEMM,
+    Conv2d with one batched product per chunk of vectors, Flatten returns the stack itself.
+``jvp_many(params, cache, V, mask=None, in_shape=None, out_shape=None) -> (J V^T)^T``
+    Forward mode for a stack ``V`` ``(B, m, N_in)`` of tangents: ``(B, m, N_out)``, the adjoint of
+    ``vjp_many``. The default loops over ``jvp``; Dense overrides it with one GEMM, Flatten
+    returns the stack itself.
+``mask_grads(params, cache, g) -> dL/dc``
+    The derivative of ``L(c * theta)`` with respect to the mask ``c`` at the current mask, from
+    ``g = dL/dy``: ``(dL/d theta_eff) * theta`` per parameter, with ``dL/d theta_eff`` NOT
+    masked; ``{}`` for parameter-free layers.
+``keys``, ``is_affine_map``, ``flat_identity``
+    The parameter names; whether ``x^l`` is an affine function of ``x^{l-1}`` (a linear
+    activation, or a linear parameter-free layer); whether the layer is the identity on
+    flattened vectors (Flatten).
+
+:meth:`Dense.jacobian_factors` gives the two factors of ``J = D W`` (the effective weight and
+``D``), for products that run through a chain of Dense layers without a layer loop
+(:func:`refnet.jacobians.jacobian`).
+
+The caches that ``forward`` returns are part of the protocol: every layer caches its input
+``"x"``, and the keys other modules may read are listed, with their shapes and their names in
+the paper, in the docstring of :class:`Layer`.
 
 Masks are dicts beside the params with the same keys and shapes (boolean); the effective weight
 is ``mask * W``, so the gradient with respect to ``W`` is ``mask * dL/d(mask*W)`` and pruned
@@ -81,11 +106,49 @@ def _mask_grad(g: np.ndarray, mask: dict | None, key: str) -> np.ndarray:
     return g if m is None else g * m
 
 
+#: elements of the largest intermediate array of one chunk of :meth:`Conv2d.vjp_many`
+#: (the patch gradients of a chunk of cotangents): 2**22 float64 = 32 MiB
+STACK_CHUNK_ELEMENTS = 2**22
+
+
 class Layer:
-    """Base class: default Jacobian by basis products, serialisation helpers."""
+    """Base class: the protocol of the module docstring, with default Jacobian, multi-vector
+    products and mask gradient, and serialisation helpers.
+
+    A subclass implements ``out_shape``, ``forward``, ``vjp`` and ``jvp``; the defaults here build
+    everything else from those (``jacobian`` from ``n_in`` JVPs, ``vjp_many`` / ``jvp_many`` as a
+    loop of VJPs / JVPs) and a subclass overrides them where a batched form is faster.
+
+    Trace caches. The dict ``forward`` returns (one entry of ``Trace.caches``) holds these keys;
+    :mod:`refnet.jacobians`, :mod:`refnet.prop1` and the audits read caches by these names only
+    (paper notation, shapes per batch):
+
+    =============  =============  ==========================================================
+    layer          key            value
+    =============  =============  ==========================================================
+    every layer    ``"x"``        ``x^{l-1}``, the input, ``(B, *in_shape)``
+    Dense, Conv2d  ``"h"``        ``h^l``, the pre-activation, ``(B, *out_shape)``
+    Dense, Conv2d  ``"D"``        ``phi'(h^l)``, the diagonal of ``D^l``, shaped like ``h``
+    Conv2d         ``"cols"``     ``im2col(x^{l-1})``, ``(B, P, K)``: the patch under each of
+                                  the ``P = Ho Wo`` output positions over the
+                                  ``K = c_in kh kw`` taps (:func:`refnet.conv.im2col`)
+    MaxPool2d      ``"arg"``      the arg-max of each ``k x k`` window (row-major within the
+                                  window, first on ties), ``(B, C, Ho, Wo)`` integers
+    =============  =============  ==========================================================
+
+    Parameter-free layers keep no ``"h"`` or ``"D"``: their ``D = I``.
+    """
 
     #: parameter names of this layer instance (``()`` for parameter-free layers)
     keys: tuple = ()
+
+    #: True for a layer that is the identity on flattened (NCHW) vectors (Flatten): ``J = I``,
+    #: and ``vjp_many`` / ``jvp_many`` hand the stack back unchanged
+    flat_identity = False
+
+    #: True when ``x^l`` is an affine function of ``x^{l-1}`` (``J`` does not depend on the input):
+    #: Dense and Conv2d with a linear activation, average pooling, Flatten; not MaxPool2d
+    is_affine_map = False
 
     def out_shape(self, in_shape: tuple) -> tuple:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -112,6 +175,88 @@ class Layer:
             e[:, k] = 1.0
             cols.append(_rows(self.jvp(params, cache, e.reshape(x.shape), mask)))
         return np.stack(cols, axis=2)  # (B, n_out, n_in)
+
+    def _stack_shapes(self, cache, in_shape, out_shape) -> tuple:
+        """Per-example input and output shapes of a multi-vector product (from the cached input
+        ``x`` when not given)."""
+        if in_shape is None:
+            in_shape = cache["x"].shape[1:]
+        if out_shape is None:
+            out_shape = self.out_shape(in_shape)
+        return tuple(in_shape), tuple(out_shape)
+
+    def vjp_many(self, params, cache, G, mask=None, in_shape=None, out_shape=None) -> np.ndarray:
+        r"""``G J`` for a stack of cotangents: row ``j`` of example ``b`` is ``G[b, j] J^{l-1,l}_b``.
+
+        Parameters
+        ----------
+        params, cache, mask
+            As in :meth:`vjp` (``cache`` from :meth:`forward`).
+        G : ndarray, shape (B, m, N_out)
+            ``m`` cotangents (rows) per example over the flattened (NCHW) output.
+        in_shape, out_shape : tuple, optional
+            Per-example input and output shapes (default: from ``cache["x"]`` and
+            :meth:`out_shape`).
+
+        Returns
+        -------
+        ndarray, shape (B, m, N_in)
+            The default pulls the ``m`` cotangents back one at a time through :meth:`vjp`.
+        """
+        in_shape, out_shape = self._stack_shapes(cache, in_shape, out_shape)
+        B, m, _ = G.shape
+        out = np.empty((B, m, prod(in_shape)), dtype=G.dtype)
+        for j in range(m):
+            gx, _ = self.vjp(params, cache, G[:, j].reshape(B, *out_shape), mask)
+            out[:, j] = gx.reshape(B, -1)
+        return out
+
+    def jvp_many(self, params, cache, V, mask=None, in_shape=None, out_shape=None) -> np.ndarray:
+        r"""``(J V^T)^T`` for a stack of tangents: row ``j`` of example ``b`` is ``J^{l-1,l}_b V[b, j]``.
+
+        Parameters
+        ----------
+        params, cache, mask, in_shape, out_shape
+            As in :meth:`vjp_many`.
+        V : ndarray, shape (B, m, N_in)
+            ``m`` tangents (rows) per example over the flattened (NCHW) input.
+
+        Returns
+        -------
+        ndarray, shape (B, m, N_out)
+            The default pushes the ``m`` tangents forward one at a time through :meth:`jvp`.
+        """
+        in_shape, out_shape = self._stack_shapes(cache, in_shape, out_shape)
+        B, m, _ = V.shape
+        out = np.empty((B, m, prod(out_shape)), dtype=V.dtype)
+        for j in range(m):
+            out[:, j] = self.jvp(params, cache, V[:, j].reshape(B, *in_shape), mask).reshape(B, -1)
+        return out
+
+    def mask_grads(self, params, cache, g) -> dict:
+        r"""``dL/dc``: the derivative of ``L(c * theta)`` with respect to the mask ``c`` at the
+        current mask, for every parameter ``theta`` of the layer.
+
+        With the effective parameter ``theta_eff = c * theta``, ``dL/dc = (dL/d theta_eff) * theta``,
+        where ``dL/d theta_eff`` is the parameter gradient of :meth:`vjp` WITHOUT the final
+        multiplication by the mask; so a pruned entry gets the first-order change of the loss if it
+        were re-added. At ``c = 1`` this is SNIP's ``g * w``.
+
+        Parameters
+        ----------
+        params, cache
+            As in :meth:`vjp`.
+        g : ndarray, shape (B, *out_shape)
+            ``dL/dy``, the gradient with respect to the layer's output.
+
+        Returns
+        -------
+        dict
+            Shaped like ``params``; ``{}`` for a parameter-free layer.
+        """
+        if self.keys:
+            raise NotImplementedError(f"{type(self).__name__} has parameters {self.keys} but no mask_grads")
+        return {}
 
     # --- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -144,6 +289,10 @@ class _Affine(Layer):
     def keys(self) -> tuple:
         return ("W", "b") if self.bias else ("W",)
 
+    @property
+    def is_affine_map(self) -> bool:
+        return self.activation.is_linear
+
 
 @dataclass(frozen=True)
 class Dense(_Affine):
@@ -163,7 +312,9 @@ class Dense(_Affine):
         Jacobian ``J = D W`` with ``D = diag(phi'(h))``                       (:meth:`jacobian`)
         VJP      ``g_x = W^T (D g)``; ``dL/dW = (D g) x^T``, ``dL/db = D g``     (:meth:`vjp`)
         JVP      ``y_dot = D (W v + dW x + db)``                               (:meth:`jvp`)
-    with ``W`` the effective weight ``mask * W``.
+        stacks   ``G -> (G * D) W``, ``V -> (V W^T) * D``, one GEMM each  (:meth:`vjp_many`, :meth:`jvp_many`)
+        mask     ``dL/dc = ((D g) x^T) * W``, ``dL/dc_b = (D g) * b``            (:meth:`mask_grads`)
+    with ``W`` the effective weight ``mask * W`` (the stored ``W`` in ``dL/dc``).
     """
 
     n_in: int
@@ -224,9 +375,34 @@ class Dense(_Affine):
                 h_dot = h_dot + _masked(dparams, mask, "b")
         return cache["D"] * h_dot
 
+    def jacobian_factors(self, params, cache, mask=None) -> tuple:
+        """The two factors of ``J^{l-1,l} = D^l W^l``: the effective weight ``mask * W``
+        ``(n_out, n_in)`` (shared by the batch) and the diagonals ``D = phi'(h)`` ``(B, n_out)``."""
+        return _masked(params, mask, "W"), cache["D"]
+
     def jacobian(self, params, cache, mask=None):
-        W = _masked(params, mask, "W")  # (n_out, n_in)
-        return cache["D"][:, :, None] * W[None, :, :]  # (B, n_out, n_in): J = D W
+        W, D = self.jacobian_factors(params, cache, mask)  # (n_out, n_in), (B, n_out)
+        return D[:, :, None] * W[None, :, :]  # (B, n_out, n_in): J = D W
+
+    def vjp_many(self, params, cache, G, mask=None, in_shape=None, out_shape=None):
+        """``G J = (G * D) W`` for ``G`` ``(B, m, n_out)``: one GEMM with the shared weight."""
+        B, m, _ = G.shape
+        W, D = self.jacobian_factors(params, cache, mask)
+        return ((G * D[:, None, :]).reshape(B * m, -1) @ W).reshape(B, m, W.shape[1])  # (B, m, n_in)
+
+    def jvp_many(self, params, cache, V, mask=None, in_shape=None, out_shape=None):
+        """``(J V^T)^T = (V W^T) * D`` for ``V`` ``(B, m, n_in)``: one GEMM with the shared weight."""
+        B, m, _ = V.shape
+        W, D = self.jacobian_factors(params, cache, mask)
+        return (V.reshape(B * m, -1) @ W.T).reshape(B, m, W.shape[0]) * D[:, None, :]  # (B, m, n_out)
+
+    def mask_grads(self, params, cache, g):
+        """``dL/dc_W = (gh^T x) * W`` and ``dL/dc_b = (sum_i gh_i) * b`` with ``gh = g * D``."""
+        gh = g * cache["D"]  # (B, n_out): dL/dh
+        out = {"W": (gh.T @ cache["x"]) * params["W"]}  # (n_out, n_in): dL/dW_eff, unmasked, times W
+        if self.bias:
+            out["b"] = gh.sum(axis=0) * params["b"]  # (n_out,)
+        return out
 
 
 @dataclass(frozen=True)
@@ -248,6 +424,7 @@ class Conv2d(_Affine):
                  ``g_x = col2im((D g) W_f)``
         JVP      ``y_dot = D (conv(v, W) + conv(x, dW) + db)``
         Jacobian ``J = D M`` with ``M`` the explicit operator matrix (:func:`refnet.conv.conv_matrix`)
+        mask     ``dL/dc = (sum_{b,p} (D g)^T cols) * W`` reshaped, ``dL/dc_b = sum (D g) * b``
     """
 
     c_in: int
@@ -340,6 +517,47 @@ class Conv2d(_Affine):
         h_dot = np.ascontiguousarray(hp.transpose(0, 2, 1)).reshape(B, self.c_out, Ho, Wo)
         return cache["D"] * h_dot
 
+    def vjp_many(self, params, cache, G, mask=None, in_shape=None, out_shape=None):
+        """``G J`` for ``G`` ``(B, m, N_out)``: the input half of :meth:`vjp` for all ``m`` cotangents
+        at once, ``g_x = col2im((G * D)^T W_f)`` with ``G * D`` as ``(B m, c_out, P)``, in chunks of
+        vectors whose patch gradients ``(B chunk, P, K)`` hold at most
+        :data:`STACK_CHUNK_ELEMENTS` elements (one vector at least); the weight gradient is not
+        formed. Each example's ``(P, c_out) @ (c_out, K)`` product and its ``col2im`` are those
+        :meth:`vjp` computes for one vector, so the result equals the loop of
+        :meth:`Layer.vjp_many` to the bit (tested). The forward side keeps that loop
+        (:meth:`Layer.jvp_many`): a batched im2col changes the memory layout of the patches, and
+        with it, in some shapes (seen with ``c_out = 1``), the rounding of NumPy's product."""
+        in_shape, out_shape = self._stack_shapes(cache, in_shape, out_shape)
+        B, m, _ = G.shape
+        Wf = _masked(params, mask, "W").reshape(self.c_out, -1)  # (c_out, K)
+        D = cache["D"][:, None]  # (B, 1, c_out, Ho, Wo)
+        out = np.empty((B, m, prod(in_shape)), dtype=G.dtype)
+        for j0, j1 in self._chunks(B, m, out_shape[1] * out_shape[2] * Wf.shape[1]):
+            c = j1 - j0
+            gh = (G[:, j0:j1].reshape(B, c, *out_shape) * D).reshape(B * c, self.c_out, -1)  # (B c, c_out, P)
+            g_cols = gh.transpose(0, 2, 1) @ Wf  # (B c, P, K)
+            out[:, j0:j1] = _conv.col2im(g_cols, (B * c, *in_shape), *self._geom()).reshape(B, c, -1)
+        return out
+
+    @staticmethod
+    def _chunks(B: int, m: int, per_vector: int):
+        """``(j0, j1)`` ranges over ``m`` vectors with ``B * (j1 - j0) * per_vector`` elements at most
+        :data:`STACK_CHUNK_ELEMENTS` (one vector at least)."""
+        step = max(1, STACK_CHUNK_ELEMENTS // max(1, B * per_vector))
+        return [(j0, min(m, j0 + step)) for j0 in range(0, m, step)]
+
+    def mask_grads(self, params, cache, g):
+        """``dL/dc_W = (sum_{i,p} gh_{i,:,p} cols_{i,p}^T) * W`` (reshaped) and
+        ``dL/dc_b = (sum_{i,p} gh_{i,:,p}) * b`` with ``gh = g * D``; the sum over examples and
+        positions is einsum's own loop (as it has always been here), not the BLAS contraction of
+        :meth:`vjp`."""
+        gh = (g * cache["D"]).reshape(g.shape[0], self.c_out, -1)  # (B, c_out, P): dL/dh
+        gW_eff = np.einsum("bop,bpk->ok", gh, cache["cols"]).reshape(params["W"].shape)  # unmasked
+        out = {"W": gW_eff * params["W"]}
+        if self.bias:
+            out["b"] = gh.sum(axis=(0, 2)) * params["b"]  # (c_out,)
+        return out
+
     def jacobian(self, params, cache, mask=None):
         x = cache["x"]
         M = _conv.conv_matrix(_masked(params, mask, "W"), x.shape[1:], self.stride, self.padding, self.padding_mode)
@@ -402,6 +620,8 @@ class AvgPool2d(_Pool2d):
     itself and the VJP spreads ``g / k^2`` over each window.
     """
 
+    is_affine_map = True
+
     def _pool(self, x):
         return self._blocks(x).mean(axis=(3, 5))
 
@@ -454,6 +674,8 @@ class MaxPool2d(_Pool2d):
 class GlobalAvgPool2d(Layer):
     """Mean over the spatial axes: ``(B, C, H, W) -> (B, C)``."""
 
+    is_affine_map = True
+
     def out_shape(self, in_shape):
         C, H, W = _check_image(in_shape, "GlobalAvgPool2d")
         return (C,)
@@ -474,6 +696,9 @@ class GlobalAvgPool2d(Layer):
 class Flatten(Layer):
     """``(B, *shape) -> (B, prod(shape))`` in C (NCHW) order; its Jacobian is the identity."""
 
+    is_affine_map = True
+    flat_identity = True
+
     def out_shape(self, in_shape):
         return (prod(in_shape),)
 
@@ -485,6 +710,14 @@ class Flatten(Layer):
 
     def vjp(self, params, cache, g, mask=None, input_grad=True):
         return g.reshape(cache["x"].shape), {}
+
+    def vjp_many(self, params, cache, G, mask=None, in_shape=None, out_shape=None):
+        """``G J = G``: stacks are already flattened, so the stack itself (not a copy)."""
+        return G
+
+    def jvp_many(self, params, cache, V, mask=None, in_shape=None, out_shape=None):
+        """``(J V^T)^T = V``: the stack itself (not a copy)."""
+        return V
 
     def jacobian(self, params, cache, mask=None):
         x = cache["x"]

@@ -36,17 +36,14 @@ import numpy as np
 from ._checks import check_choice
 from .conv import im2col
 from .jacobians import jacobian
-from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d
+from .layers import Conv2d, Dense
 from .losses import get_loss
-from .network import Network
+from .network import check_net
 
 __all__ = ["prop1_gradients", "prop1_report", "format_prop1_report", "mask_gradients", "FORMS"]
 
 #: the two forms of Proposition 1
 FORMS = ("general", "linear")
-
-#: parameter-free layers that are linear maps (MaxPool2d is only piecewise linear)
-_LINEAR_PARAM_FREE = (AvgPool2d, GlobalAvgPool2d, Flatten)
 
 
 # -------------------------------------------------------------------------------------------
@@ -54,35 +51,33 @@ _LINEAR_PARAM_FREE = (AvgPool2d, GlobalAvgPool2d, Flatten)
 # -------------------------------------------------------------------------------------------
 
 
-def _check_net(net) -> None:
-    if not isinstance(net, Network):
-        raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")
-
-
 def _is_affine(layer) -> bool:
-    return isinstance(layer, (Dense, Conv2d))
+    """Whether the layer owns parameters (an affine map ``W x + b`` before its activation)."""
+    return bool(layer.keys)
 
 
 def _check_linear(net) -> None:
-    """Raise ValueError unless the network is an affine map of its input (form="linear")."""
+    """Raise ValueError unless the network is an affine map of its input (form="linear"): every
+    layer's :attr:`~refnet.layers.Layer.is_affine_map` (so MaxPool2d, only piecewise linear, is
+    refused)."""
     for i, layer in enumerate(net.layers):
+        if layer.is_affine_map:
+            continue
         if _is_affine(layer):
-            if not layer.activation.is_linear:
-                raise ValueError(
-                    f'form="linear" needs every activation to be the identity (paper eq. 10 has D^l = I '
-                    f"and x^(l-1) = J^(0,l-1) x^0 + a), but layers[{i}] ({type(layer).__name__}) uses "
-                    f'{layer.activation.name!r}; use form="general"'
-                )
-        elif not isinstance(layer, _LINEAR_PARAM_FREE):
             raise ValueError(
-                f'form="linear" needs a linear network, but layers[{i}] is {type(layer).__name__}, which '
-                f"is not a linear map (x^(l-1) is then not J^(0,l-1) x^0 + a); use form=\"general\""
+                f'form="linear" needs every activation to be the identity (paper eq. 10 has D^l = I '
+                f"and x^(l-1) = J^(0,l-1) x^0 + a), but layers[{i}] ({type(layer).__name__}) uses "
+                f'{layer.activation.name!r}; use form="general"'
             )
+        raise ValueError(
+            f'form="linear" needs a linear network, but layers[{i}] is {type(layer).__name__}, which '
+            f"is not a linear map (x^(l-1) is then not J^(0,l-1) x^0 + a); use form=\"general\""
+        )
 
 
 def _forward_and_eps(net, x, y, loss):
     """Validated input, trace, and the batch error signal ``eps`` ``(B, N_K)`` of the mean loss."""
-    _check_net(net)
+    check_net(net)
     loss_fn = get_loss(loss)
     x = net.check_input(x, "x")
     if x.shape[0] == 0:
@@ -119,11 +114,14 @@ def _outer_grads(layer, delta, inp, in_shape) -> dict:
     ``(c_out, c_in, kh, kw)``, ``dL/db = sum_{i,p} delta_{i,:,p}``.
     """
     B = delta.shape[0]
+    # this oracle derives each layer type's gradient itself, on purpose (not the layers' code)
     if isinstance(layer, Dense):
         grads = {"W": np.einsum("bo,bi->oi", delta, inp)}  # (n_out, n_in): sum of outer products
         if layer.bias:
             grads["b"] = delta.sum(axis=0)  # (n_out,)
         return grads
+    if not isinstance(layer, Conv2d):
+        raise TypeError(f"Proposition 1 is derived here for Dense and Conv2d layers, got {type(layer).__name__}")
     # Conv2d: the same identity through the unfolded input
     cols = im2col(inp.reshape(B, *in_shape), layer.kernel_size, layer.stride, layer.padding, layer.padding_mode)
     d = delta.reshape(B, layer.c_out, -1)  # (B, c_out, P)
@@ -175,7 +173,7 @@ def prop1_gradients(net, x, y, loss="cross_entropy", form: str = "general", *, m
         For a bad ``net``, ``x``, ``y``, ``loss`` or ``form``; ``form="linear"`` on a network
         that is not linear (a non-identity activation or a MaxPool2d layer).
     """
-    _check_net(net)
+    check_net(net)
     form = check_choice(form, "form", FORMS)
     if form == "linear":
         _check_linear(net)
@@ -296,8 +294,9 @@ def mask_gradients(net, x, y, loss="cross_entropy") -> list[dict]:
     r"""``dL/dc`` at the current mask ``c``: the derivative with respect to the mask itself.
 
     The effective weight is ``W_eff = c * W``, so ``dL/dc = (dL/dW_eff) * W`` (and
-    ``dL/dc_b = (dL/db_eff) * b``). ``dL/dW_eff`` is NOT masked: it is computed here from the
-    trace with the upstream gradient ``gh = dL/dh^l`` of a backward pass,
+    ``dL/dc_b = (dL/db_eff) * b``). ``dL/dW_eff`` is NOT masked: each layer computes it from its
+    trace cache and the upstream gradient ``gh = dL/dh^l`` of a backward pass
+    (:meth:`refnet.layers.Layer.mask_grads`),
 
     Dense   ``dL/dW_eff = gh^T x^{l-1}`` (sum over the batch), ``dL/db_eff = sum_i gh_i``;
     Conv2d  ``dL/dW_eff = sum_{i,p} gh_{i,:,p} cols_{i,p}^T`` reshaped, ``dL/db_eff = sum gh``,
@@ -325,22 +324,7 @@ def mask_gradients(net, x, y, loss="cross_entropy") -> list[dict]:
     g = eps  # dL/dx^K, (B, *out_shape)
     for idx in range(net.n_layers - 1, -1, -1):
         layer, params, cache, mask = net.layers[idx], net.params[idx], trace.caches[idx], net.masks[idx]
-        if _is_affine(layer):
-            gh = g * cache["D"]  # dL/dh^l, (B, *shape of h^l)
-            B = gh.shape[0]
-            if isinstance(layer, Dense):
-                gW_eff = gh.T @ cache["x"]  # (n_out, n_in), unmasked
-                gb_eff = gh.sum(axis=0)  # (n_out,)
-            else:
-                ghp = gh.reshape(B, layer.c_out, -1)  # (B, c_out, P)
-                gW_eff = np.einsum("bop,bpk->ok", ghp, cache["cols"]).reshape(params["W"].shape)
-                gb_eff = ghp.sum(axis=(0, 2))  # (c_out,)
-            d = {"W": gW_eff * params["W"]}  # dL/dc = dL/dW_eff * W
-            if "b" in params:
-                d["b"] = gb_eff * params["b"]
-            out[idx] = d
-        else:
-            out[idx] = {}
+        out[idx] = layer.mask_grads(params, cache, g)  # dL/dc = dL/dW_eff * W; {} without parameters
         if idx > 0:
             g, _ = layer.vjp(params, cache, g, mask, input_grad=True)  # dL/dx^{l-1} of the masked net
     return out

@@ -212,3 +212,11 @@ def test_jacobian_svd_directions_through_jvp_and_vjp(kind):
     np.testing.assert_allclose(sf, s, rtol=0, atol=1e-13 * s.max())
     with pytest.raises(TypeError, match="full_matrices must be a bool"):
         jac.jacobian_svd(net, x, start, end, full_matrices=1)
+
+
+def test_check_range_is_public_and_the_old_names_still_work():
+    net = rn.mlp([5, 4, 3], seed=0)
+    assert jac.check_range(net, 0, None) == (0, 2) and jac.check_range(net, 1, 2) == (1, 2)
+    with pytest.raises(ValueError, match=r"0 <= start < end <= 2 .*start=1, end=1"):
+        jac.check_range(net, 1, 1)
+    assert jac._check_range is jac.check_range and jac._check_net is rn.network.check_net
