@@ -16,7 +16,9 @@ round r = 1 .. rounds
     (never more than the count kept before). ``scope="global"`` ranks all pruned layers together
     (one top-k over their concatenated weights, layer order then C order); ``scope="layer"`` applies
     the same rule to each layer separately (``n_r^l = floor(m_l (1 - p)^r + 1/2)``). Ties: the lower
-    index is kept. A pruned weight is never revived: masks only lose entries.
+    index is kept. A pruned weight is never revived: masks only lose entries. This is
+    :func:`refnet.pruning.prune` of :func:`refnet.pruning.magnitude_scores` with
+    ``rounding="half_up"`` (:func:`refnet.pruning.keep_count`).
     Rewind: every parameter (weights and biases) is reset to ``W_k``; with the new mask, the
     surviving weights start from their step-``k`` values and the pruned ones are exactly 0.
     Train ``steps_per_round - k`` steps (the rest of the schedule, as in Frankle et al. 2020's
@@ -29,22 +31,35 @@ keeps pruned gradients at exactly 0. Biases are never pruned (their masks stay a
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
+import warnings
 
 import numpy as np
 
 from ._checks import check_choice, check_float, check_int
-from .network import Network
-from .training import _progress_target, train
+from .network import Network, check_net
+from .pruning import keep_count, magnitude_scores, prune
+from .progress import Progress, progress_target
+from .training import train
 
 __all__ = ["imp", "magnitude_prune", "kept_count"]
 
 
 def kept_count(m: int, density: float) -> int:
-    """``floor(m * density + 1/2)``: the number of weights kept at a target density."""
-    return int(math.floor(m * density + 0.5))
+    """``floor(m * density + 1/2)``: the number of weights kept at a target density.
+
+    .. deprecated::
+        Use ``refnet.pruning.keep_count(m, density=density, rounding="half_up")``, the one
+        keep-count rule; this alias warns (DeprecationWarning) and forwards to it.
+    """
+    warnings.warn(
+        "refnet.lottery.kept_count is deprecated; use "
+        "refnet.pruning.keep_count(m, density=density, rounding='half_up')",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return keep_count(m, density=density, rounding="half_up")
 
 
 def _weight_layers(net: Network, layers) -> list[int]:
@@ -66,16 +81,6 @@ def _weight_layers(net: Network, layers) -> list[int]:
     return sorted(out)
 
 
-def _top_k_mask(scores: np.ndarray, alive: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask keeping the ``k`` largest ``scores`` among ``alive`` (flat arrays); ties: the
-    lower index is kept; dead entries are never chosen."""
-    s = np.where(alive, scores, -np.inf)
-    order = np.argsort(-s, kind="stable")  # descending; stable -> lower index first on ties
-    keep = np.zeros(s.shape, dtype=bool)
-    keep[order[:k]] = True
-    return keep
-
-
 def magnitude_prune(net: Network, density: float, *, scope: str = "global", layers=None) -> list[dict]:
     """Masks that keep the largest ``|mask * W|`` among the kept weights, at a target density.
 
@@ -83,51 +88,29 @@ def magnitude_prune(net: Network, density: float, *, scope: str = "global", laye
     per layer (``scope="layer"``), capped at the number currently kept. Existing pruned weights stay
     pruned. Other parameters' masks (biases, layers not in ``layers``) are copied unchanged.
 
+    This is ``prune(net, magnitude_scores(net), density=density, scope=scope, layers=layers,
+    rounding="half_up", warn=False)`` (:func:`refnet.pruning.prune`: ties to the lower flat index),
+    with ``density = 0`` allowed (every weight of ``layers`` pruned).
+
     Returns
     -------
     list of dict
         New masks, one dict per layer (as ``net.masks``).
     """
+    check_net(net)
     density = check_float(density, "density", min_value=0.0, max_value=1.0)
     scope = check_choice(scope, "scope", ["global", "layer"])
     idx = _weight_layers(net, layers)
-    masks = [{k: v.copy() for k, v in m.items()} for m in net.masks]
-    if scope == "global":
-        scores = np.concatenate([np.abs(net.params[i]["W"] * net.masks[i]["W"]).ravel() for i in idx])
-        alive = np.concatenate([net.masks[i]["W"].ravel() for i in idx])
-        k = min(kept_count(scores.size, density), int(alive.sum()))
-        keep = _top_k_mask(scores, alive, k)
-        start = 0
+    if density == 0.0:  # keep_count is 0 for every group; prune itself asks for density > 0
+        masks = [{k: v.copy() for k, v in m.items()} for m in net.masks]
         for i in idx:
-            n = net.masks[i]["W"].size
-            masks[i]["W"] = keep[start : start + n].reshape(net.masks[i]["W"].shape)
-            start += n
-    else:
-        for i in idx:
-            W, M = net.params[i]["W"], net.masks[i]["W"]
-            k = min(kept_count(W.size, density), int(M.sum()))
-            masks[i]["W"] = _top_k_mask(np.abs(W * M).ravel(), M.ravel(), k).reshape(M.shape)
-    return masks
+            masks[i]["W"] = np.zeros_like(masks[i]["W"])
+        return masks
+    return prune(net, magnitude_scores(net), density=density, scope=scope, layers=idx, rounding="half_up", warn=False)
 
 
 def _snapshot(net: Network) -> list[dict]:
     return [{k: v.copy() for k, v in p.items()} for p in net.params]
-
-
-def _progress_fn(progress):
-    stream = _progress_target(progress)
-    if stream is None or not hasattr(stream, "write"):
-        return stream  # no reports, or the caller's callable
-
-    def report(rec):
-        acc = "-" if rec["test_acc"] is None else f"{rec['test_acc']:.4f}"
-        stream.write(
-            f"IMP round {rec['round']}: density {rec['density']:.4f} ({rec['n_kept']} weights)  "
-            f"train loss {rec['train_loss']:.4f}  test acc {acc}  {rec['time']:.1f} s\n"
-        )
-        stream.flush()
-
-    return report
 
 
 def imp(
@@ -175,7 +158,8 @@ def imp(
     X_test, y_test : optional
         Test accuracy of each round's trained network.
     progress : None, bool, text stream or callable
-        A line per round (True: stderr), or ``progress(record)`` after each round.
+        A bar over the rounds (None: on stderr when it is a terminal; True: stderr; a stream:
+        there; False: none), or ``progress(record)`` after each round (:mod:`refnet.progress`).
 
     Returns
     -------
@@ -187,8 +171,7 @@ def imp(
         round trained with). ``"net"``: the network trained in the last round. ``"rewind_params"``:
         the parameters ``W_k`` rewound to. ``"settings"``: the arguments.
     """
-    if not isinstance(net, Network):
-        raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")
+    check_net(net)
     rounds = check_int(rounds, "rounds", min_value=0)
     p = check_float(sparsity_per_round, "sparsity_per_round", min_value=0.0, max_value=1.0,
                     min_inclusive=False, max_inclusive=False)
@@ -203,7 +186,7 @@ def imp(
     check_int(seed, "seed", min_value=0)
     if (X_test is None) != (y_test is None):
         raise ValueError("X_test and y_test must be given together (or neither)")
-    report = _progress_fn(progress)
+    target = progress_target(progress, allow_callable=True)  # checked before any work
     train_kw = dict(lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed,
                     progress=False, train_eval_size=0)
 
@@ -212,46 +195,48 @@ def imp(
     rewind = None
     history = []
 
-    for r in range(rounds + 1):
-        t0 = time.perf_counter()
-        if r == 0:
-            if rewind_step == 0:
-                rewind = _snapshot(work)
-                hist = train(work, X, y, steps=steps_per_round, **train_kw)
+    with Progress(False if target is None else target, rounds + 1, desc="IMP round", unit="rounds",
+                  allow_callable=True) as bar:
+        for r in range(rounds + 1):
+            t0 = time.perf_counter()
+            if r == 0:
+                if rewind_step == 0:
+                    rewind = _snapshot(work)
+                    hist = train(work, X, y, steps=steps_per_round, **train_kw)
+                else:
+                    saved = {}
+
+                    def grab(h, n, saved=saved):
+                        if h.steps[-1] == rewind_step:
+                            saved["params"] = _snapshot(n)
+
+                    hist = train(work, X, y, steps=steps_per_round, eval_every=rewind_step, callback=grab, **train_kw)
+                    rewind = saved["params"]
+                steps_done = steps_per_round
             else:
-                saved = {}
-
-                def grab(h, n, saved=saved):
-                    if h.steps[-1] == rewind_step:
-                        saved["params"] = _snapshot(n)
-
-                hist = train(work, X, y, steps=steps_per_round, eval_every=rewind_step, callback=grab, **train_kw)
-                rewind = saved["params"]
-            steps_done = steps_per_round
-        else:
-            new_masks = magnitude_prune(work, (1.0 - p) ** r, scope=scope, layers=idx)
-            work = Network(work.layers, in_shape=work.in_shape, dtype=work.dtype, params=rewind, masks=new_masks)
-            steps_done = steps_per_round - rewind_step
-            hist = train(work, X, y, steps=steps_done, **train_kw)
-        test_loss = test_acc = None
-        if X_test is not None:
-            test_loss, test_acc = work.evaluate(X_test, y_test)
-        n_kept = int(sum(int(work.masks[i]["W"].sum()) for i in idx))
-        rec = {
-            "round": r,
-            "density": n_kept / m_total,
-            "n_kept": n_kept,
-            "layer_density": {i: float(work.masks[i]["W"].mean()) for i in idx},
-            "test_acc": test_acc,
-            "test_loss": test_loss,
-            "train_loss": hist.final_train_loss,
-            "steps": steps_done,
-            "time": time.perf_counter() - t0,
-            "masks": [{k: v.copy() for k, v in mm.items()} for mm in work.masks],
-        }
-        history.append(rec)
-        if report is not None:
-            report(rec)
+                new_masks = magnitude_prune(work, (1.0 - p) ** r, scope=scope, layers=idx)
+                work = Network(work.layers, in_shape=work.in_shape, dtype=work.dtype, params=rewind, masks=new_masks)
+                steps_done = steps_per_round - rewind_step
+                hist = train(work, X, y, steps=steps_done, **train_kw)
+            test_loss = test_acc = None
+            if X_test is not None:
+                test_loss, test_acc = work.evaluate(X_test, y_test)
+            n_kept = int(sum(int(work.masks[i]["W"].sum()) for i in idx))
+            rec = {
+                "round": r,
+                "density": n_kept / m_total,
+                "n_kept": n_kept,
+                "layer_density": {i: float(work.masks[i]["W"].mean()) for i in idx},
+                "test_acc": test_acc,
+                "test_loss": test_loss,
+                "train_loss": hist.final_train_loss,
+                "steps": steps_done,
+                "time": time.perf_counter() - t0,
+                "masks": [{k: v.copy() for k, v in mm.items()} for mm in work.masks],
+            }
+            history.append(rec)
+            bar.update(rec, postfix=lambda: f"density {rec['density']:.4f}, train loss {rec['train_loss']:.4f}"
+                       + ("" if rec["test_acc"] is None else f", test acc {rec['test_acc']:.4f}"))
 
     return {
         "history": history,

@@ -22,8 +22,15 @@ parameter-free layers; "W" always, "b" only when asked for):
 
 Masks: :func:`prune` keeps the ``k = round(m (1 - sparsity))`` largest scores, over all scored
 entries (``scope="global"``) or per layer (``scope="layer"``); :func:`snip` is connection
-sensitivity followed by a global top-k. :func:`pruning_report` and :func:`format_pruning_report`
-show the per-layer result.
+sensitivity followed by a global top-k; :func:`masks_for` dispatches a method name
+(:data:`METHODS`) to its scores and mask. :func:`pruning_report` and
+:func:`format_pruning_report` show the per-layer result.
+
+One source of truth for every mask of refnet (pruning, lottery tickets, the audit):
+:func:`top_k_mask` is the one top-k selector, :func:`kth_largest` its threshold, and
+:func:`keep_count` the one keep-count rule, with its rounding explicit (``"half_even"`` here,
+``"half_up"`` for lottery tickets, ``"synflow"`` for Synaptic-Flow's ``int((1 - d) m)`` pruned
+entries).
 
 Ranking rules shared by every mask (see :func:`prune`):
 
@@ -43,6 +50,7 @@ from 1. No function here changes the network it is given.
 
 from __future__ import annotations
 
+import math
 import warnings
 from math import prod
 
@@ -52,7 +60,8 @@ from . import kernels
 from ._checks import as_rng, check_array, check_choice, check_int
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
 from .losses import cross_entropy, get_loss, softmax
-from .network import Network
+from .network import Network, check_net
+from .progress import Progress, progress_target
 
 __all__ = [
     "LayerCollapseWarning",
@@ -69,6 +78,12 @@ __all__ = [
     "pruning_report",
     "format_pruning_report",
     "keep_count",
+    "ROUNDINGS",
+    "top_k_mask",
+    "kth_largest",
+    "METHODS",
+    "DATA_METHODS",
+    "masks_for",
 ]
 
 #: the unsupervised losses of PAPER.md section 9 (refnet's definitions)
@@ -87,20 +102,15 @@ class LayerCollapseWarning(UserWarning):
 # -------------------------------------------------------------------------------------------
 
 
-def _check_net(net, name: str = "net") -> Network:
-    if not isinstance(net, Network):
-        raise TypeError(f"{name} must be a refnet Network, got {type(net).__name__}")
-    return net
-
-
 def _check_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
 
 
-def _resolve_density(sparsity, density) -> float:
-    """The kept fraction ``d``: ``1 - sparsity`` (sparsity in [0, 1)) or ``density`` in (0, 1]."""
+def _resolve_density(sparsity, density, *, allow_empty: bool = False) -> float:
+    """The kept fraction ``d``: ``1 - sparsity`` (sparsity in [0, 1)) or ``density`` in (0, 1]
+    (with ``allow_empty``: sparsity in [0, 1], density in [0, 1], so ``d = 0`` too)."""
     if (sparsity is None) == (density is None):
         raise ValueError(
             "give exactly one of sparsity (fraction pruned, in [0, 1)) and density (fraction kept, "
@@ -111,28 +121,73 @@ def _resolve_density(sparsity, density) -> float:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     if name == "sparsity":
-        if not (0.0 <= value < 1.0):  # also rejects NaN
-            raise ValueError(f"sparsity must be in [0, 1) (the fraction of entries pruned), got {value}")
+        if not (0.0 <= value < 1.0 or (allow_empty and value == 1.0)):  # also rejects NaN
+            bounds = "[0, 1]" if allow_empty else "[0, 1)"
+            raise ValueError(f"sparsity must be in {bounds} (the fraction of entries pruned), got {value}")
         return 1.0 - value
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"density must be in (0, 1] (the fraction of entries kept), got {value}")
+    if not (0.0 < value <= 1.0 or (allow_empty and value == 0.0)):
+        bounds = "[0, 1]" if allow_empty else "(0, 1]"
+        raise ValueError(f"density must be in {bounds} (the fraction of entries kept), got {value}")
     return value
 
 
-def keep_count(m: int, sparsity=None, *, density=None) -> int:
-    """How many of ``m`` entries a mask keeps: ``k = round(m * d)`` with ``d = 1 - sparsity``
-    (or ``d = density``), evaluated in float64 and rounded by Python's ``round`` (halves to even).
+#: the rounding rules of :func:`keep_count`
+ROUNDINGS = ("half_even", "half_up", "synflow")
+
+
+def _check_rounding(rounding) -> str:
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(
+            f"rounding must be one of {list(ROUNDINGS)} (half_even: round(m d), refnet's default; "
+            f"half_up: floor(m d + 1/2), the lottery-ticket count; synflow: m - int((1 - d) m), "
+            f"Synaptic-Flow's), got {rounding!r}"
+        )
+    return rounding
+
+
+def keep_count(m: int, sparsity=None, *, density=None, rounding: str = "half_even") -> int:
+    r"""How many of ``m`` entries a mask keeps at density ``d = 1 - sparsity`` (or ``d = density``).
+
+    The one keep-count rule of refnet, with the rounding of ``m d`` to a whole count explicit
+    (every product is the float64 ``m * d``, ``d`` itself the float64 ``1 - sparsity``):
+
+    ``"half_even"`` (default)
+        :math:`k = \operatorname{round}(m d)`, Python's ``round`` (halves to even): what
+        :func:`prune`, :func:`snip` and :func:`synflow_prune` keep.
+    ``"half_up"``
+        :math:`k = \lfloor m d + 1/2 \rfloor` (halves up): the count of
+        :func:`refnet.lottery.magnitude_prune` and :func:`refnet.lottery.imp`.
+    ``"synflow"``
+        :math:`k = m - \lfloor (1 - d)\, m \rfloor`: Synaptic-Flow's convention (Tanaka et al.
+        2020, ``Pruners/pruners.py``: ``int((1.0 - sparsity) * numel)`` entries pruned, where its
+        ``sparsity`` is the kept fraction ``d``), so the pruned count is truncated and the kept
+        count is rounded up. (Its mask then also prunes every entry tied with the threshold;
+        refnet keeps exactly ``k``, ties to the lower index.)
+
+    For example ``m = 10, d = 0.25`` (``m d = 2.5``): 2, 3 and 3; ``m = 10, d = 0.21``: 2, 2 and 3.
 
     Parameters
     ----------
     m : int
         Number of scored entries (>= 0).
-    sparsity : float in [0, 1), optional
-    density : float in (0, 1], optional
-        Exactly one of ``sparsity`` and ``density``.
+    sparsity : float in [0, 1], optional
+    density : float in [0, 1], optional
+        Exactly one of ``sparsity`` and ``density`` (``d = 0`` keeps nothing here; the mask
+        functions themselves need ``d > 0``).
+    rounding : {"half_even", "half_up", "synflow"}
+
+    Returns
+    -------
+    int in [0, m]
     """
     m = check_int(m, "m", min_value=0)
-    return int(round(m * _resolve_density(sparsity, density)))
+    d = _resolve_density(sparsity, density, allow_empty=True)
+    rounding = _check_rounding(rounding)
+    if rounding == "half_even":
+        return int(round(m * d))
+    if rounding == "half_up":
+        return int(math.floor(m * d + 0.5))
+    return m - int((1.0 - d) * m)
 
 
 def _ranked_keys(net: Network, include_bias: bool) -> list[tuple]:
@@ -141,6 +196,26 @@ def _ranked_keys(net: Network, include_bias: bool) -> list[tuple]:
     for p in net.params:
         keys = [k for k in ("W", "b") if k in p and (k == "W" or include_bias)]
         out.append(tuple(keys))
+    return out
+
+
+def _ranked_layers(net: Network, layers) -> set:
+    """The code indices of the layers ranked by :func:`prune`: ``layers`` validated (each a layer
+    with weights), or every layer with weights."""
+    with_weights = [i for i, p in enumerate(net.params) if "W" in p]
+    if layers is None:
+        return set(with_weights)
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be a sequence of int layer indices, got {type(layers).__name__} {layers!r}")
+    out = set()
+    for i in layers:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"layers must hold int layer indices, got {type(i).__name__} {i!r}")
+        if int(i) not in with_weights:
+            raise ValueError(f"layers: {i} is not the index of a layer with weights; those are {with_weights}")
+        out.add(int(i))
+    if not out:
+        raise ValueError(f"layers must name at least one layer with weights (those are {with_weights}), got {layers!r}")
     return out
 
 
@@ -230,7 +305,7 @@ def unsupervised_targets(net, x, kind: str) -> np.ndarray:
     -------
     ndarray, shape (B, C), the network's dtype
     """
-    _check_net(net)
+    check_net(net)
     kind = check_choice(kind, "kind", UNSUPERVISED_LOSSES)
     x = net.check_input(x, "x")
     z = net.forward(x)
@@ -289,7 +364,7 @@ def connection_sensitivity(
         Per layer ``{"W": (shape of W)}`` (plus "b" when ``include_bias`` and the layer has one);
         ``{}`` for parameter-free layers. float, the network's dtype, non-negative.
     """
-    _check_net(net)
+    check_net(net)
     include_bias = _check_bool(include_bias, "include_bias")
     normalize = _check_bool(normalize, "normalize")
     kind, fn = _loss_kind(loss)
@@ -356,7 +431,7 @@ def random_scores(net, seed, *, include_bias: bool = False) -> list[dict]:
     include_bias : bool
         Also return the bias scores.
     """
-    _check_net(net)
+    check_net(net)
     include_bias = _check_bool(include_bias, "include_bias")
     if seed is None:
         raise TypeError("seed must be an int or a numpy.random.Generator (random scores must be reproducible), got None")
@@ -382,7 +457,7 @@ def magnitude_scores(net, *, include_bias: bool = False) -> list[dict]:
     include_bias : bool
         Also return ``|m_b * b|``.
     """
-    _check_net(net)
+    check_net(net)
     include_bias = _check_bool(include_bias, "include_bias")
     keys = _ranked_keys(net, include_bias)
     return [{k: np.abs(net.params[i][k] * net.masks[i][k]) for k in ks} for i, ks in enumerate(keys)]
@@ -462,7 +537,7 @@ def synflow_objective(net, *, log: bool = False) -> float:
     ``log R`` is finite for any depth; ``R`` itself may overflow to ``inf`` (``log=False``).
     ``R = 0`` (``log R = -inf``) when no path connects input and output.
     """
-    _check_net(net)
+    check_net(net)
     log = _check_bool(log, "log")
     _, log_P, R_prime = _synflow_pass(net)
     if R_prime == 0.0:
@@ -508,7 +583,7 @@ def synflow_scores(net, in_shape=None, *, normalize: bool = True) -> list[dict]:
     list of dict
         ``{"W": ...}`` per affine layer (float64), ``{}`` for the others.
     """
-    _check_net(net)
+    check_net(net)
     _check_in_shape(net, in_shape)
     normalize = _check_bool(normalize, "normalize")
     scores, log_P, _ = _synflow_pass(net)
@@ -537,14 +612,17 @@ def synflow_prune(
     density=None,
     iterations: int = 100,
     scope: str = "global",
+    rounding: str = "half_even",
     warn: bool = True,
+    progress=None,
 ) -> list[dict]:
     r"""Iterative SynFlow pruning with the exponential schedule (Tanaka et al. 2020).
 
     For ``k = 1..n`` (``n = iterations``): score the network with its current mask
     (:func:`synflow_scores`), then prune to density ``d^(k/n)`` with :func:`prune`
     (``d = 1 - sparsity``), pruned entries staying pruned. The last step keeps exactly
-    ``round(m d)`` weights. Biases are never pruned.
+    ``round(m d)`` weights (``rounding="synflow"``: ``m - int((1 - d) m)``, Synaptic-Flow's
+    count, at every step). Biases are never pruned.
 
     Parameters
     ----------
@@ -554,25 +632,33 @@ def synflow_prune(
         Exactly one of the two.
     iterations : int >= 1
     scope : {"global", "layer"}
+    rounding : {"half_even", "half_up", "synflow"}
+        The keep count of every step (:func:`keep_count`).
     warn : bool
         Warn (:class:`LayerCollapseWarning`) about the final mask.
+    progress : None, bool or text stream
+        A bar over the rounds (:mod:`refnet.progress`: None shows one when stderr is a terminal).
 
     Returns
     -------
     list of dict
         Masks shaped like ``net.params``.
     """
-    _check_net(net)
+    check_net(net)
     d = _resolve_density(sparsity, density)
     n = check_int(iterations, "iterations", min_value=1)
     scope = check_choice(scope, "scope", ("global", "layer"))
+    rounding = _check_rounding(rounding)
     warn = _check_bool(warn, "warn")
+    progress_target(progress)  # checked before any work
     cur = net
     masks = None
-    for k in range(1, n + 1):
-        dk = d ** (k / n)
-        masks = prune(cur, synflow_scores(cur), density=dk, scope=scope, warn=False)
-        cur = net.with_masks(masks)
+    with Progress(progress, n, desc="SynFlow round", unit="rounds") as bar:
+        for k in range(1, n + 1):
+            dk = d ** (k / n)
+            masks = prune(cur, synflow_scores(cur), density=dk, scope=scope, rounding=rounding, warn=False)
+            cur = net.with_masks(masks)
+            bar.update(postfix=lambda: f"density {dk:.4g}")
     if warn:
         _warn_collapse(net, masks, stacklevel=3)
     return masks
@@ -583,26 +669,105 @@ def synflow_prune(
 # -------------------------------------------------------------------------------------------
 
 
-def _top_k(s: np.ndarray, alive: np.ndarray, k: int) -> np.ndarray:
-    """Boolean keep-vector: the ``k`` largest ``s`` among ``alive`` entries, ties to the lower
-    index. Same result as ``alive_idx[np.argsort(-s[alive], kind="stable")[:k]]`` in O(m)."""
-    everyone = bool(alive.all())  # nothing pruned yet (the usual case): rank s itself
-    idx = None if everyone else np.flatnonzero(alive)
-    sa = s if everyone else s[idx]
-    k = min(k, sa.size)
-    if k <= 0:
-        return np.zeros(s.shape, dtype=bool)
+def _ranked_entries(scores, alive):
+    """``(shape of scores, flat indices of the alive entries or None when all are alive, their
+    flat scores)`` after validating ``scores`` (real, no NaN) and ``alive`` (bool, same shape)."""
+    s = check_array(scores, "scores", finite=False, allow_int=True)
+    if s.dtype.kind == "f" and np.isnan(s).any():
+        raise ValueError(f"scores must not hold NaN, got {int(np.isnan(s).sum())} NaN entries")
+    flat = s.ravel()  # C order: the flat index of the tie rule
+    if alive is None:
+        return s.shape, None, flat
+    a = np.asarray(alive)
+    if a.dtype != bool:
+        raise TypeError(f"alive must be a boolean mask, got dtype {a.dtype}")
+    if a.shape != s.shape:
+        raise ValueError(f"alive must have the shape of scores {s.shape}, got {a.shape}")
+    a = a.ravel()
+    if a.all():  # nothing pruned yet (the usual case): rank the scores themselves
+        return s.shape, None, flat
+    idx = np.flatnonzero(a)
+    return s.shape, idx, flat[idx]
+
+
+def kth_largest(scores, k: int, alive=None) -> float:
+    r"""The ``k``-th largest score among the ``alive`` entries: the threshold of a top-k mask.
+
+    With the alive scores sorted in decreasing order, :math:`s_{(1)} \ge s_{(2)} \ge \dots
+    \ge s_{(n)}` (``n`` alive entries, repeated values counted), this is :math:`s_{(k)}`, the
+    value :func:`top_k_mask` keeps down to: it keeps every alive entry scored above it and as many
+    tied with it (lowest flat index first) as make ``k``. Exactly the value of
+    ``np.sort(scores[alive])[::-1][k - 1]``, computed in O(n) by :func:`refnet.kernels.kth_largest`.
+
+    Conventions at the ends: ``k = 0`` gives ``+inf`` (nothing is kept: every score is below the
+    threshold) and ``k > n`` gives ``-inf`` (every alive entry is kept, and there is no ``k``-th
+    one; this includes ``n = 0``).
+
+    Parameters
+    ----------
+    scores : ndarray, any shape, real (float64, float32 or integer); ``+-inf`` allowed, NaN is a
+        ValueError.
+    k : int >= 0
+    alive : ndarray of bool, shape of ``scores``, optional
+        The entries that may be ranked (default: all).
+
+    Returns
+    -------
+    float
+    """
+    _, _, sa = _ranked_entries(scores, alive)
+    k = check_int(k, "k", min_value=0)
+    if k == 0:
+        return math.inf
+    if k > sa.size:
+        return -math.inf
+    return float(kernels.kth_largest(sa, k))
+
+
+def top_k_mask(scores, k: int, alive=None) -> np.ndarray:
+    r"""Boolean mask of the ``k`` largest ``scores`` among the ``alive`` entries: the one top-k
+    selector behind every pruning mask of refnet.
+
+    Rules:
+
+    * Ties: among equal scores the entry with the LOWER flat index (C order) is kept first, so the
+      mask is ``keep[order[:k]] = True`` with ``order = idx[np.argsort(-scores.ravel()[idx],
+      kind="stable")]`` and ``idx`` the alive flat indices in increasing order. It is computed in
+      O(m) from the threshold :func:`kth_largest`: every alive entry above it is kept, then the
+      lowest-index ties.
+    * Entries that are not ``alive`` are never kept, whatever their score (pruned stays pruned).
+    * ``k = 0`` keeps nothing; ``k`` at or above the number of alive entries keeps all of them
+      (and no more).
+
+    Parameters
+    ----------
+    scores : ndarray, any shape, real (float64, float32 or integer); ``+-inf`` allowed, NaN is a
+        ValueError.
+    k : int >= 0
+    alive : ndarray of bool, shape of ``scores``, optional
+        The entries that may be kept (default: all).
+
+    Returns
+    -------
+    ndarray of bool, shape of ``scores``
+        A new array with ``min(k, alive.sum())`` True entries.
+    """
+    shape, idx, sa = _ranked_entries(scores, alive)
+    k = min(check_int(k, "k", min_value=0), sa.size)
+    if k == 0:
+        return np.zeros(shape, dtype=bool)
     if k == sa.size:
-        return alive.astype(bool, copy=True)
-    t = kernels.kth_largest(sa, k)  # the k-th largest score (np.partition, or a radix select)
-    sel = sa > t
-    ties = np.flatnonzero(sa == t)[: k - int(np.count_nonzero(sel))]  # lowest indices first
-    sel[ties] = True
-    if everyone:
-        return sel
-    keep = np.zeros(s.shape, dtype=bool)
+        sel = np.ones(sa.shape, dtype=bool)
+    else:
+        t = kernels.kth_largest(sa, k)  # the k-th largest score (np.partition, or a radix select)
+        sel = sa > t
+        ties = np.flatnonzero(sa == t)[: k - int(np.count_nonzero(sel))]  # lowest indices first
+        sel[ties] = True
+    if idx is None:  # every entry alive: sel is the mask
+        return sel.reshape(shape)
+    keep = np.zeros(prod(shape), dtype=bool)
     keep[idx[sel]] = True
-    return keep
+    return keep.reshape(shape)
 
 
 def _is_mlp(net: Network) -> bool:
@@ -649,31 +814,37 @@ def prune(
     density=None,
     scope: str = "global",
     include_bias: bool = False,
+    layers=None,
+    rounding: str = "half_even",
     warn: bool = True,
 ) -> list[dict]:
     r"""Masks keeping the ``k`` highest-scored entries: ``k = round(m (1 - sparsity))``.
 
-    ``m`` is the number of ranked entries: all weights ("W"), plus all biases when
-    ``include_bias``, over the whole network (``scope="global"``, PAPER.md section 4's global
-    top-k) or within each layer (``scope="layer"``, one ``k_l = round(m_l (1 - sparsity))`` per
-    layer). ``round`` is Python's (halves to even) on the float64 product (:func:`keep_count`).
+    ``m`` is the number of ranked entries: all weights ("W") of ``layers`` (default: every layer),
+    plus their biases when ``include_bias``, over the whole network (``scope="global"``, PAPER.md
+    section 4's global top-k) or within each layer (``scope="layer"``, one
+    ``k_l = round(m_l (1 - sparsity))`` per layer). ``round`` is Python's (halves to even) on the
+    float64 product; ``rounding`` picks another rule of :func:`keep_count` (``"half_up"``:
+    ``floor(m d + 1/2)``, ``"synflow"``: ``m - int((1 - d) m)``).
 
     Ties: among equal scores the entry with the LOWER flat index is kept first; the flat index
     runs over layer 0 "W" (row-major), layer 0 "b" (if ranked), layer 1 "W", ... This is exactly
-    ``np.argsort(-s, kind="stable")[:k]``; it is computed in O(m) with a partition.
+    ``np.argsort(-s, kind="stable")[:k]``; it is computed in O(m) by :func:`top_k_mask`.
 
     Already-pruned entries: every entry pruned by ``net.masks`` stays pruned (it ranks below all
     kept entries whatever its score), but ``k`` counts over ALL ``m`` entries. If ``k`` exceeds the
     number of entries still kept, all of them are kept (fewer than ``k``) and a UserWarning says so.
-    Biases that are not ranked keep their current mask.
+    Biases that are not ranked, and the weights of layers not in ``layers``, keep their current
+    mask.
 
     Parameters
     ----------
     net : Network
         Provides the shapes and the current masks; it is not changed.
     scores : list of dict
-        One dict per layer with "W" (and "b" when ``include_bias``) shaped like the parameter;
-        real, ``+-inf`` allowed, NaN is a ValueError. Other keys are ignored.
+        One dict per layer with "W" (and "b" when ``include_bias``) shaped like the parameter, for
+        the layers of ``layers``; real, ``+-inf`` allowed, NaN is a ValueError. Other keys, and
+        the entries of other layers, are ignored.
     sparsity : float in [0, 1), optional
         Fraction pruned.
     density : float in (0, 1], optional
@@ -681,6 +852,11 @@ def prune(
     scope : {"global", "layer"}
     include_bias : bool
         Rank the biases with the weights (the official SNIP code does).
+    layers : sequence of int, optional
+        Code indices (``net.layers[i]``) of the layers whose parameters are ranked; each must have
+        weights. Default: every layer with weights.
+    rounding : {"half_even", "half_up", "synflow"}
+        The rule turning ``m d`` into ``k`` (:func:`keep_count`).
     warn : bool
         Emit :class:`LayerCollapseWarning` when a layer's weights are all pruned and when the
         network is disconnected.
@@ -690,12 +866,14 @@ def prune(
     list of dict
         Boolean masks with the keys and shapes of ``net.params`` ("W" and "b"); new arrays.
     """
-    _check_net(net)
+    check_net(net)
     d = _resolve_density(sparsity, density)
     scope = check_choice(scope, "scope", ("global", "layer"))
     include_bias = _check_bool(include_bias, "include_bias")
+    rounding = _check_rounding(rounding)
     warn = _check_bool(warn, "warn")
-    keys = _ranked_keys(net, include_bias)
+    chosen = _ranked_layers(net, layers)
+    keys = [ks if i in chosen else () for i, ks in enumerate(_ranked_keys(net, include_bias))]
     s = _check_scores(net, scores, keys)
     entries = [(i, k) for i, ks in enumerate(keys) for k in ks]
     ranked = set(entries)  # their masks are replaced below; the others are copied
@@ -706,8 +884,8 @@ def prune(
             continue
         flat = np.concatenate([s[i][k].ravel() for i, k in group])  # concatenation order
         alive = np.concatenate([net.masks[i][k].ravel() for i, k in group])
-        k_keep = int(round(flat.size * d))
-        keep = _top_k(flat, alive, k_keep)
+        k_keep = keep_count(flat.size, density=d, rounding=rounding)
+        keep = top_k_mask(flat, k_keep, alive)
         n_alive = int(alive.sum())
         if warn and n_alive < k_keep:
             where = "the network" if scope == "global" else f"layers[{group[0][0]}]"
@@ -756,12 +934,100 @@ def snip(
     --------
     >>> masks = snip(net, X[:100], y[:100], sparsity=0.9)   # doctest: +SKIP
     """
-    _check_net(net)
+    check_net(net)
     _resolve_density(sparsity, density)  # fail before the backward pass
     check_choice(scope, "scope", ("global", "layer"))
     _check_bool(warn, "warn")
     scores = connection_sensitivity(net, x, y, loss, batch_size=batch_size, include_bias=include_bias, normalize=False)
     return prune(net, scores, sparsity, density=density, scope=scope, include_bias=include_bias, warn=warn)
+
+
+#: the pruning methods of :func:`masks_for` (the ``--method`` / ``--prune`` names of the commands)
+METHODS = ("snip", "uniform", "pred_raw", "pred_softmax", "random", "magnitude", "synflow")
+
+#: the methods of :data:`METHODS` that score examples ``x`` (connection sensitivity)
+DATA_METHODS = ("snip",) + UNSUPERVISED_LOSSES
+
+
+def masks_for(
+    method: str,
+    net,
+    sparsity=None,
+    *,
+    density=None,
+    x=None,
+    y=None,
+    seed=0,
+    scope: str = "global",
+    batch_size=None,
+    warn: bool = True,
+) -> list[dict]:
+    r"""The masks of the pruning method named ``method`` (one of :data:`METHODS`): the one
+    dispatch from a method name to its masks (the ``refnet prune`` and ``refnet spectrum`` commands
+    use it).
+
+    ============== ==================================================================================
+    ``method``     masks
+    ============== ==================================================================================
+    "snip"         :func:`prune` of :func:`connection_sensitivity` ``(net, x, y)`` with the
+                   cross-entropy on the labels ``y``
+    "uniform",     :func:`prune` of :func:`connection_sensitivity` ``(net, x, loss=method)``: the
+    "pred_raw",    unsupervised losses of :func:`unsupervised_targets` (``y`` is ignored;
+    "pred_softmax" "pred_softmax" has zero gradients and warns)
+    "random"       :func:`prune` of :func:`random_scores` ``(net, seed)``
+    "magnitude"    :func:`prune` of :func:`magnitude_scores` ``(net)``: ``|m * w|``
+    "synflow"      :func:`synflow_prune` ``(net, ...)``: iterative, data-free, 100 rounds
+    ============== ==================================================================================
+
+    Connection sensitivity scores all of ``x`` (the commands pass the first 100 training examples,
+    ``refnet prune --score-examples``) with ``batch_size`` as in :func:`connection_sensitivity`,
+    and ranks the normalised scores ``|g_j| / sum_k |g_k|`` (:func:`snip` ranks the unnormalised
+    ``|g_j|``; the two orders differ only where the division merges near-equal floats into a tie).
+    Every method keeps ``k = round(m (1 - sparsity))`` of the ``m`` weights (biases are never
+    pruned), over the whole network or per layer (``scope``), ties to the lower flat index.
+
+    Parameters
+    ----------
+    method : str
+        One of :data:`METHODS` (case-insensitive, ``-`` and ``_`` alike).
+    net : Network
+    sparsity : float in [0, 1), optional
+    density : float in (0, 1], optional
+        Exactly one of the two.
+    x : ndarray, shape (B, *net.in_shape)
+        The scored examples; required by :data:`DATA_METHODS`, ignored by the others.
+    y : ndarray, shape (B,) int labels or (B, C) targets
+        Labels of ``x``; required by "snip", ignored by the others.
+    seed : int or numpy.random.Generator
+        Seed of "random"'s scores; ignored by the others.
+    scope : {"global", "layer"}
+    batch_size : int >= 1, optional
+        Connection sensitivity over consecutive batches of ``x`` (:func:`connection_sensitivity`).
+    warn : bool
+        Emit :class:`LayerCollapseWarning` about the final mask (and :func:`prune`'s warnings).
+
+    Returns
+    -------
+    list of dict
+        Boolean masks shaped like ``net.params``; apply with ``net.with_masks(masks)``.
+    """
+    method = check_choice(method, "method", METHODS)
+    check_net(net)
+    _resolve_density(sparsity, density)  # fail before any scoring
+    scope = check_choice(scope, "scope", ("global", "layer"))
+    warn = _check_bool(warn, "warn")
+    if method == "synflow":
+        return synflow_prune(net, sparsity, density=density, scope=scope, warn=warn)
+    if method in DATA_METHODS:
+        if x is None:
+            raise ValueError(f"method {method!r} scores examples: x must be given (the examples to score), got None")
+        loss = "cross_entropy" if method == "snip" else method
+        scores = connection_sensitivity(net, x, y, loss=loss, batch_size=batch_size)
+    elif method == "random":
+        scores = random_scores(net, seed)
+    else:  # magnitude
+        scores = magnitude_scores(net)
+    return prune(net, scores, sparsity, density=density, scope=scope, warn=warn)
 
 
 # -------------------------------------------------------------------------------------------
