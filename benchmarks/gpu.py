@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import _matmul_cases, _time
+from .kernels import matmul_cases, time_call
 
 #: the cases' sizes; tests replace them with tiny ones
 SIZES = {
-    "matmul": None,  # None: the kernels suite's grid (_matmul_cases)
+    "matmul": None,  # None: the kernels suite's grid (matmul_cases)
     "svd": [(100, 100), (1000, 256)],  # (count, side)
     "svd_quick": [(100, 100), (100, 256)],
     "jacobian": [([100] * 8, 100), ([784] + [100] * 6 + [10], 1000)],  # (layer sizes, examples)
@@ -68,7 +68,7 @@ def _gpu_timer(cp, quick):
             fn()
             sync()
 
-        return _time(call, quick)
+        return time_call(call, quick)
 
     return t
 
@@ -89,7 +89,7 @@ def bench_masked_matmul(cp, quick, transpose=False) -> list[dict]:
     rng = np.random.default_rng(0)
     kname = "masked_matmul_t" if transpose else "masked_matmul"
     kern = getattr(kernels, kname)
-    cases = SIZES["matmul"] or list(_matmul_cases(quick))
+    cases = SIZES["matmul"] or list(matmul_cases(quick))
     if transpose and SIZES["matmul"] is None:
         cases = [c for c in cases if c[2] == 256]
     rows = []
@@ -109,8 +109,8 @@ def bench_masked_matmul(cp, quick, transpose=False) -> list[dict]:
             {"case": case, "impl": "refnet", "engine": "cupy", "method": "auto", "seconds": gt(lambda: kern(da, dW, dmask, engine="cupy")), **meta},
             {"case": case, "impl": "refnet cupy csr (cuSPARSE)", "seconds": gt(lambda: kern(da, dW, dmask, engine="cupy", method="csr")), **meta},
             {"case": case, "impl": "refnet cupy, host in and out", "seconds": gt(lambda: kern(a, W, mask, engine="cupy")), **meta},
-            {"case": case, "impl": "refnet CPU (automatic engine)", "engine": kernels.resolve_engine(kname, a, W, mask), "seconds": _time(lambda: kern(a, W, mask), quick), **meta},
-            {"case": case, "impl": "numpy dense BLAS (We precomputed)", "seconds": _time((lambda: a @ We) if transpose else (lambda: a @ We.T), quick), **meta},
+            {"case": case, "impl": "refnet CPU (automatic engine)", "engine": kernels.resolve_engine(kname, a, W, mask), "seconds": time_call(lambda: kern(a, W, mask), quick), **meta},
+            {"case": case, "impl": "numpy dense BLAS (We precomputed)", "seconds": time_call((lambda: a @ We) if transpose else (lambda: a @ We.T), quick), **meta},
         ]
         print(f"  done {case}", flush=True)
     return rows
@@ -130,8 +130,8 @@ def bench_svdvals(cp, quick) -> list[dict]:
         dev = _close(cp.asnumpy(kernels.batched_svdvals(dA)), ref, 1e-10, case)
         rows += [
             {"case": case, "impl": "refnet", "engine": "cupy", "max_dev_rel": dev, "seconds": gt(lambda: kernels.batched_svdvals(dA))},
-            {"case": case, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("batched_svdvals", A), "seconds": _time(lambda: kernels.batched_svdvals(A), quick)},
-            {"case": case, "impl": "np.linalg.svd(compute_uv=False)", "seconds": _time(lambda: np.linalg.svd(A, compute_uv=False), quick)},
+            {"case": case, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("batched_svdvals", A), "seconds": time_call(lambda: kernels.batched_svdvals(A), quick)},
+            {"case": case, "impl": "np.linalg.svd(compute_uv=False)", "seconds": time_call(lambda: np.linalg.svd(A, compute_uv=False), quick)},
         ]
         full = f"full SVD (U, S, Vh) of {count} matrices {n}x{n} float64"
         U, S, Vh = (cp.asnumpy(p) for p in kernels.batched_svd(dA))
@@ -139,8 +139,8 @@ def bench_svdvals(cp, quick) -> list[dict]:
         dev = _close((U * S[:, None, :]) @ Vh, A, 1e-10, f"{full}: U diag(S) Vh against A")
         rows += [
             {"case": full, "impl": "refnet", "engine": "cupy", "max_dev_rel": dev, "seconds": gt(lambda: kernels.batched_svd(dA))},
-            {"case": full, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("batched_svd", A), "seconds": _time(lambda: kernels.batched_svd(A), quick)},
-            {"case": full, "impl": "np.linalg.svd(full_matrices=False)", "seconds": _time(lambda: np.linalg.svd(A, full_matrices=False), quick)},
+            {"case": full, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("batched_svd", A), "seconds": time_call(lambda: kernels.batched_svd(A), quick)},
+            {"case": full, "impl": "np.linalg.svd(full_matrices=False)", "seconds": time_call(lambda: np.linalg.svd(A, full_matrices=False), quick)},
         ]
         print(f"  done {case}", flush=True)
     return rows
@@ -163,8 +163,8 @@ def bench_jacobian_svdvals(cp, quick) -> list[dict]:
         dev = _close(cp.asnumpy(kernels.batched_svdvals(dJ)), ref, 1e-10, case)
         rows += [
             {"case": case, "impl": "refnet", "engine": "cupy", "max_dev_rel": dev, "seconds": gt(lambda: kernels.batched_svdvals(dJ))},
-            {"case": case, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("batched_svdvals", J), "seconds": _time(lambda: kernels.batched_svdvals(J), quick)},
-            {"case": case, "impl": "refnet Jacobians (CPU, for scale)", "seconds": _time(lambda: jacobian(net, X), quick)},
+            {"case": case, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("batched_svdvals", J), "seconds": time_call(lambda: kernels.batched_svdvals(J), quick)},
+            {"case": case, "impl": "refnet Jacobians (CPU, for scale)", "seconds": time_call(lambda: jacobian(net, X), quick)},
         ]
     return rows
 
@@ -195,7 +195,7 @@ def bench_isometry(cp, quick) -> list[dict]:
             V, _r = kernels.isometry_step(V, dmask, lr, engine="cupy", method=method)
         _close(cp.asnumpy(V), ref, 1e-10, f"isometry steps, cupy {method}")
     case = f"{steps} isometry steps N={N} sparsity={sparsity} float64"
-    t = lambda fn: _time(fn, True)  # noqa: E731 - each call is a whole loop
+    t = lambda fn: time_call(fn, True)  # noqa: E731 - each call is a whole loop
     return [
         {"case": case, "impl": "refnet", "engine": "cupy", "method": "auto", "seconds": t(lambda: loop(dV0, dmask, engine="cupy"))},
         {"case": case, "impl": "refnet cupy csr (cuSPARSE)", "seconds": t(lambda: loop(dV0, dmask, engine="cupy", method="csr"))},
@@ -219,8 +219,8 @@ def bench_select(cp, quick) -> list[dict]:
         case = f"k-th largest of {n} scores (k = n/10) float64"
         rows += [
             {"case": case, "impl": "refnet", "engine": "cupy", "seconds": gt(lambda: kernels.kth_largest(ds, k))},
-            {"case": case, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("kth_largest", s), "seconds": _time(lambda: kernels.kth_largest(s, k), quick)},
-            {"case": case, "impl": "np.partition", "seconds": _time(lambda: np.partition(s, n - k)[n - k], quick)},
+            {"case": case, "impl": "refnet CPU engine", "engine": kernels.resolve_engine("kth_largest", s), "seconds": time_call(lambda: kernels.kth_largest(s, k), quick)},
+            {"case": case, "impl": "np.partition", "seconds": time_call(lambda: np.partition(s, n - k)[n - k], quick)},
         ]
     return rows
 

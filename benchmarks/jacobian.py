@@ -20,7 +20,7 @@ from refnet import kernels
 from refnet.jacobians import jacobian
 
 from .common import print_table
-from .kernels import _jax, _time, _torch, pin_one_core
+from .kernels import jax_or_none, pin_one_core, time_call, torch_or_none
 
 CASES = {
     "K=7 width-100 tanh MLP 100->100, 100 examples": ([100] * 8, 100),
@@ -64,8 +64,8 @@ def _jax_fns(jax, params):
 
 def run(quick: bool = False) -> list[dict]:
     pin_one_core()  # one thread asked for: one core for everyone (see benchmarks/kernels.py)
-    torch = _torch()
-    jax = _jax()
+    torch = torch_or_none()
+    jax = jax_or_none()
     rows = []
     for case, (sizes, n_examples) in CASES.items():
         net = rn.mlp(sizes, activation="tanh", init="orthogonal", seed=0)
@@ -90,9 +90,9 @@ def run(quick: bool = False) -> list[dict]:
         for name, fj, fb, fs in impls:
             impl = "refnet" if name == "refnet" else name
             extra = {"engine": kernels.resolve_engine("batched_svdvals", J)} if name == "refnet" else {}
-            rows.append({"case": f"Jacobians + all singular values: {case}", "impl": impl, "seconds": _time(fb, quick), **extra})
-            rows.append({"case": f"Jacobians only: {case}", "impl": impl, "seconds": _time(fj, quick)})
-            rows.append({"case": f"singular values only: {case}", "impl": impl, "seconds": _time(fs, quick), **extra})
+            rows.append({"case": f"Jacobians + all singular values: {case}", "impl": impl, "seconds": time_call(fb, quick), **extra})
+            rows.append({"case": f"Jacobians only: {case}", "impl": impl, "seconds": time_call(fj, quick)})
+            rows.append({"case": f"singular values only: {case}", "impl": impl, "seconds": time_call(fs, quick), **extra})
     return rows
 
 

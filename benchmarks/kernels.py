@@ -54,7 +54,8 @@ def pin_one_core() -> None:
         os.sched_setaffinity(0, {cores[0]})
 
 
-def _torch():
+def torch_or_none():
+    """PyTorch limited to this run's thread count, or None when it is not installed."""
     try:
         import torch
     except ImportError:
@@ -64,7 +65,8 @@ def _torch():
     return torch
 
 
-def _jax():
+def jax_or_none():
+    """JAX in float64 on the CPU (one thread when one is asked for), or None when it is not installed."""
     if _threads() == 1 and "XLA_FLAGS" not in os.environ:
         os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     try:
@@ -81,7 +83,9 @@ def _repeats(seconds_per_call: float, quick: bool) -> int:
     return int(min(20, max(3, budget / max(seconds_per_call, 1e-6))))
 
 
-def _time(fn, quick):
+def time_call(fn, quick):
+    """Median seconds of ``fn()``: one timed call sets the number of repeats (fewer with ``quick``),
+    then :func:`benchmarks.common.median_time`. The timer every suite shares."""
     t0 = time.perf_counter()
     fn()
     one = time.perf_counter() - t0
@@ -94,7 +98,8 @@ def _time(fn, quick):
 # -------------------------------------------------------------------------------------------
 
 
-def _matmul_cases(quick):
+def matmul_cases(quick):
+    """The masked-matmul grid ``(dtype, N, B, sparsity)`` (see the module docstring)."""
     for dt in (np.float64, np.float32):
         for N in (1024, 4096):
             for B in (64, 256):
@@ -109,11 +114,11 @@ def bench_masked_matmul(quick=False, transpose=False) -> list[dict]:
 
     from refnet import kernels
 
-    torch = _torch()
-    jax = _jax()
+    torch = torch_or_none()
+    jax = jax_or_none()
     rows = []
     rng = np.random.default_rng(0)
-    cases = list(_matmul_cases(quick))
+    cases = list(matmul_cases(quick))
     if transpose:  # the backward product: fewer cases
         cases = [c for c in cases if c[1] == 1024 or (c[2] == 256 and not quick)] if not quick else [c for c in cases if c[1] == 1024]
     last = None
@@ -163,7 +168,7 @@ def bench_masked_matmul(quick=False, transpose=False) -> list[dict]:
             f = jax.jit((lambda a, b: a @ b) if transpose else (lambda a, b: a @ b.T))
             impls.append(("jax jit dense", lambda: f(jx, jW).block_until_ready(), {}))
         for impl, fn, extra in impls:
-            rows.append({"case": case, "impl": impl, "seconds": _time(fn, quick), **meta, **extra})
+            rows.append({"case": case, "impl": impl, "seconds": time_call(fn, quick), **meta, **extra})
         print(f"  done {case}", flush=True)
     return rows
 
@@ -190,19 +195,19 @@ def bench_svdvals(quick=False, full=False) -> list[dict]:
     kw = {"full_matrices": False} if full else {"compute_uv": False}
     ours = getattr(kernels, kernel)
     rows = [
-        {"case": case, "impl": "refnet", "seconds": _time(lambda: ours(A), quick), "engine": kernels.resolve_engine(kernel, A)},
-        {"case": case, "impl": f"np.linalg.svd({arg})", "seconds": _time(lambda: np.linalg.svd(A, **kw), quick)},
+        {"case": case, "impl": "refnet", "seconds": time_call(lambda: ours(A), quick), "engine": kernels.resolve_engine(kernel, A)},
+        {"case": case, "impl": f"np.linalg.svd({arg})", "seconds": time_call(lambda: np.linalg.svd(A, **kw), quick)},
     ]
-    torch = _torch()
+    torch = torch_or_none()
     if torch is not None:
         tA = torch.from_numpy(A)
         tf, tname = (lambda: torch.linalg.svd(tA, full_matrices=False), "svd(full_matrices=False)") if full else (lambda: torch.linalg.svdvals(tA), "svdvals")
-        rows.append({"case": case, "impl": f"torch.linalg.{tname}", "seconds": _time(tf, quick)})
-    jax = _jax()
+        rows.append({"case": case, "impl": f"torch.linalg.{tname}", "seconds": time_call(tf, quick)})
+    jax = jax_or_none()
     if jax is not None:
         jA = jax.device_put(A)
         f = jax.jit(lambda a: jax.numpy.linalg.svd(a, **kw))
-        rows.append({"case": case, "impl": f"jax jit svd({arg})", "seconds": _time(lambda: jax.block_until_ready(f(jA)), quick)})
+        rows.append({"case": case, "impl": f"jax jit svd({arg})", "seconds": time_call(lambda: jax.block_until_ready(f(jA)), quick)})
     return rows
 
 
@@ -259,7 +264,7 @@ def bench_isometry(quick=False, steps=100, N=1024, sparsity=0.9) -> list[dict]:
         {"case": case, "impl": "numpy dense", "seconds": t(lambda: _iso_numpy_dense(V0, mask, lr, steps))},
         {"case": case, "impl": "scipy CSR", "seconds": t(scipy_loop)},
     ]
-    torch = _torch()
+    torch = torch_or_none()
     if torch is not None:
         tV0, tm = torch.from_numpy(V0), torch.from_numpy(mask.astype(np.float64))
         eye = torch.eye(N, dtype=torch.float64)
@@ -273,7 +278,7 @@ def bench_isometry(quick=False, steps=100, N=1024, sparsity=0.9) -> list[dict]:
             return V
 
         rows.append({"case": case, "impl": "torch dense", "seconds": t(torch_loop)})
-    jax = _jax()
+    jax = jax_or_none()
     if jax is not None:
         jnp = jax.numpy
         jm = jax.device_put(mask.astype(np.float64))
@@ -306,17 +311,17 @@ def bench_batched_matmul(quick=False) -> list[dict]:
     Bm = rng.standard_normal((100, 100, 100))
     case = "batched matmul 100 x (100x100 @ 100x100) float64"
     rows = [
-        {"case": case, "impl": "refnet", "seconds": _time(lambda: kernels.batched_matmul(A, Bm), quick), "engine": kernels.resolve_engine("batched_matmul", A, Bm)},
-        {"case": case, "impl": "np.matmul", "seconds": _time(lambda: np.matmul(A, Bm), quick)},
+        {"case": case, "impl": "refnet", "seconds": time_call(lambda: kernels.batched_matmul(A, Bm), quick), "engine": kernels.resolve_engine("batched_matmul", A, Bm)},
+        {"case": case, "impl": "np.matmul", "seconds": time_call(lambda: np.matmul(A, Bm), quick)},
     ]
     try:
         from refnet.kernels import numba_engine
 
-        rows.append({"case": case, "impl": "refnet numba (threaded np.matmul)", "seconds": _time(lambda: numba_engine.batched_matmul(A, Bm), quick)})
+        rows.append({"case": case, "impl": "refnet numba (threaded np.matmul)", "seconds": time_call(lambda: numba_engine.batched_matmul(A, Bm), quick)})
         naive = _naive_batched_matmul()
         naive(A, Bm)
         assert np.allclose(naive(A, Bm), A @ Bm)
-        rows.append({"case": case, "impl": "numba prange triple loop", "seconds": _time(lambda: naive(A, Bm), quick)})
+        rows.append({"case": case, "impl": "numba prange triple loop", "seconds": time_call(lambda: naive(A, Bm), quick)})
     except ImportError:
         pass
     return rows
@@ -365,7 +370,7 @@ def crossover(sparsities=(0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9), sizes=((1024, 64
                     k = getattr(numba_engine, kname)
                     k(a, W, mask, method="csr")
                     for method in ("csr", "dense"):
-                        r[f"{kname} {method}"] = _time(lambda: k(a, W, mask, method=method), True)
+                        r[f"{kname} {method}"] = time_call(lambda: k(a, W, mask, method=method), True)
                 rows.append(r)
                 print(
                     f"{r['dtype']:8} N={N:5} B={B:4} s={s:.2f}  fwd csr/dense {r['masked_matmul csr'] * 1e3:9.2f} / {r['masked_matmul dense'] * 1e3:9.2f} ms"

@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without CuPy
     raise ImportError(f"the 'cupy' engine needs CuPy, which could not be imported ({exc}): pip install refnet[gpu]") from exc
 
 from ._structure import cached
-from .numpy_engine import ENGINE_KERNELS, _check_method, _check_stack  # one kernel list, one list of methods, one stack check
+from .numpy_engine import ENGINE_KERNELS, check_method, check_stack  # one kernel list, one list of methods, one stack check
 
 __all__ = list(ENGINE_KERNELS)
 
@@ -79,7 +79,7 @@ def masked_matmul_t(g, W, mask=None, *, method: str = "auto"):
 
 def _masked_product(a, W, mask, method, transpose: bool):
     """``a @ (mask * W).T`` (forward, (B, n_out)) or ``a @ (mask * W)`` (``transpose``, (B, n_in))."""
-    _check_method(method)
+    check_method(method)
     host = _on_host(a, W, mask)
     a, W = _dev(a), _dev(W)
     if mask is None or method in ("auto", "dense"):
@@ -124,7 +124,7 @@ def batched_svdvals(A):
     stack (cuSOLVER; batched gesvdj for small matrices), one call per matrix on CuPy versions
     without stacked SVD."""
     host = _on_host(A)
-    A = _check_stack(_dev(A))
+    A = check_stack(_dev(A))
     k = min(A.shape[-2:])
     if A.size == 0:
         dt = np.finfo(A.dtype if A.dtype.kind in "fc" else np.float64).dtype
@@ -136,7 +136,7 @@ def batched_svd(A, full_matrices: bool = False):
     """``(U, S, Vh)`` of every matrix of a stack (``cupy.linalg.svd``: cuSOLVER; one call per
     matrix on CuPy versions without stacked SVD). Empty stacks: NumPy's answer, on the device."""
     host = _on_host(A)
-    A = _check_stack(_dev(A))
+    A = check_stack(_dev(A))
     if A.size == 0:
         return tuple(_back(_dev(part), host) for part in np.linalg.svd(cp.asnumpy(A), full_matrices=full_matrices))
     return tuple(_back(part, host) for part in _stacked_svd(A, full_matrices=full_matrices))
@@ -146,7 +146,7 @@ def isometry_step(V, mask, lr: float, squared: bool = False, *, method: str = "a
     """One approximate-isometry step (formulas in :func:`refnet.kernels.numpy_engine.isometry_step`):
     dense cuBLAS, or with ``method="csr"`` a cuSPARSE Gram ``U^T U`` and the gradient read at
     the mask's entries of ``U A``."""
-    _check_method(method)
+    check_method(method)
     host = _on_host(V, mask)
     V = _dev(V)
     tall = V.shape[0] >= V.shape[1]

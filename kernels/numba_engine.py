@@ -410,7 +410,7 @@ def _transposed_rows(x, dt, serial=False):
 
 
 def _check_method(method):
-    _np_engine._check_method(method)
+    _np_engine.check_method(method)
 
 
 _local = threading.local()
@@ -695,7 +695,7 @@ def _pooled(A, full_matrices=None):
 def batched_svdvals(A):
     """Singular values of a stack ``(..., m, n)``, descending: LAPACK gesdd per matrix, the
     stack split over Numba's thread count in a pool of Python threads."""
-    A = _np_engine._check_stack(np.asarray(A))
+    A = _np_engine.check_stack(np.asarray(A))
     out = _pooled(A)
     return _np_engine.batched_svdvals(A) if out is None else out[0]
 
@@ -704,7 +704,7 @@ def batched_svd(A, full_matrices: bool = False):
     """``(U, S, Vh)`` of every matrix of a stack (see :func:`refnet.kernels.numpy_engine.batched_svd`):
     LAPACK gesdd per matrix on chunks of the stack, one chunk per thread, as
     :func:`batched_svdvals`; float32/float64 input (other dtypes: the oracle)."""
-    A = _np_engine._check_stack(np.asarray(A))
+    A = _np_engine.check_stack(np.asarray(A))
     out = _pooled(A, bool(full_matrices))
     return _np_engine.batched_svd(A, full_matrices) if out is None else out
 

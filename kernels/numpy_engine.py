@@ -39,7 +39,7 @@ __all__ = [*ENGINE_KERNELS, "isometry_residual"]
 METHODS = ("auto", "dense", "csr")
 
 
-def _check_method(method):
+def check_method(method):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -75,7 +75,7 @@ def masked_matmul(x: np.ndarray, W: np.ndarray, mask=None, *, method: str = "aut
 
     ``method="csr"`` computes the same product with a SciPy CSR matrix of the effective weight.
     """
-    _check_method(method)
+    check_method(method)
     if method == "csr" and mask is not None:
         return np.asarray((_scipy_csr(W, mask) @ x.T).T)  # (B, n_out)
     return x @ _effective(W, mask).T  # (B, n_out)
@@ -83,7 +83,7 @@ def masked_matmul(x: np.ndarray, W: np.ndarray, mask=None, *, method: str = "aut
 
 def masked_matmul_t(g: np.ndarray, W: np.ndarray, mask=None, *, method: str = "auto") -> np.ndarray:
     """``g @ (mask * W)``; ``g`` is ``(B, n_out)``, result ``(B, n_in)``."""
-    _check_method(method)
+    check_method(method)
     if method == "csr" and mask is not None:
         return np.asarray((_scipy_csr(W, mask).T @ g.T).T)  # (B, n_in)
     return g @ _effective(W, mask)  # (B, n_in)
@@ -106,7 +106,7 @@ def batched_matmul_chain(mats) -> np.ndarray:
     return P
 
 
-def _check_stack(A):
+def check_stack(A):
     """``A`` itself (a NumPy or CuPy array) when it is a stack of matrices ``(..., m, n)``."""
     if A.ndim < 2:
         raise ValueError(f"A must have at least 2 dimensions, got shape {A.shape}")
@@ -115,7 +115,7 @@ def _check_stack(A):
 
 def batched_svdvals(A: np.ndarray) -> np.ndarray:
     """Singular values of every matrix of a stack ``(..., m, n)``, descending (LAPACK gesdd)."""
-    A = _check_stack(np.asarray(A))
+    A = check_stack(np.asarray(A))
     if A.size == 0:
         dt = A.dtype if A.dtype.kind in "fc" else np.float64
         return np.zeros(A.shape[:-2] + (min(A.shape[-2:]),), dtype=np.finfo(dt).dtype)
@@ -128,7 +128,7 @@ def batched_svd(A: np.ndarray, full_matrices: bool = False) -> tuple:
     ``(..., m, k)`` and ``Vh`` ``(..., k, n)``, ``k = min(m, n)`` (``full_matrices``: ``U``
     ``(..., m, m)``, ``Vh`` ``(..., n, n)``). Each singular vector is determined up to its sign
     (and within a repeated singular value up to a rotation)."""
-    A = _check_stack(np.asarray(A))
+    A = check_stack(np.asarray(A))
     U, S, Vh = np.linalg.svd(A, full_matrices=full_matrices)
     return U, S, Vh
 
@@ -168,7 +168,7 @@ def isometry_step(V: np.ndarray, mask, lr: float, squared: bool = False, *, meth
         "auto"/"dense": dense BLAS (the oracle); "csr": SciPy sparse products (``U^T U`` as a
         sparse-sparse product, then ``U A`` sparse-dense, read at the mask's entries).
     """
-    _check_method(method)
+    check_method(method)
     V = np.asarray(V)
     if method == "csr" and mask is not None:
         return _isometry_step_scipy(V, mask, lr, squared)

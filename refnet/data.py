@@ -59,6 +59,7 @@ from ._io import atomic_write
 __all__ = [
     "DATASETS",
     "DatasetInfo",
+    "dataset_name",
     "batches",
     "cache_dir",
     "clear_cache",
@@ -189,13 +190,16 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def _check_name(name) -> str:
-    return check_choice(name, "name", list(DATASETS))
+def dataset_name(name, argname: str = "name") -> str:
+    """The key of dataset ``name`` in :data:`DATASETS`: case-insensitive, ``-`` and ``_`` the same
+    (``Fashion_MNIST`` -> ``fashion-mnist``); the one rule for every loader and command. A name that
+    is not a dataset raises ``ValueError`` naming ``argname`` and the choices."""
+    return check_choice(name, argname, list(DATASETS))
 
 
 def info(name: str) -> DatasetInfo:
     """Return the :class:`DatasetInfo` of dataset ``name`` (one of ``DATASETS``)."""
-    return DATASETS[_check_name(name)]
+    return DATASETS[dataset_name(name)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,7 +734,7 @@ def load(
     >>> X.shape, y.shape                         # doctest: +SKIP
     ((4000, 784), (4000,))
     """
-    name = _check_name(name)
+    name = dataset_name(name)
     split = check_choice(split, "split", SPLITS)
     dt = resolve_dtype(dtype)
     flatten = True if flatten is None else flatten

@@ -1,14 +1,18 @@
-"""Plots of Jacobian singular values (matplotlib, the ``plot`` extra: ``pip install refnet[plot]``).
+"""Figures (matplotlib, the ``plot`` extra: ``pip install refnet[plot]``): the one place refnet
+makes and saves them, for the commands and the validation scripts alike.
 
 matplotlib is imported only inside these functions, and only its object-oriented API is used
 (``matplotlib.figure.Figure`` with the Agg canvas): no pyplot, no global backend switch, no window.
-Every function writes one PNG atomically (a temporary file in the same folder, then
-``os.replace``) and returns its path.
+Every figure is written as PNG atomically (a temporary file in the same folder, then
+``os.replace``) and the path returned.
 
+* :func:`new_figure`, :func:`new_figure_row` -- an empty figure and its axes, to draw on;
+  :func:`atomic_savefig` writes it; :func:`require_matplotlib` says how to install matplotlib;
 * :func:`plot_jsv_histograms` -- histograms of the pooled singular values, one per initialisation;
 * :func:`plot_jsv_ecdf` -- their empirical CDFs;
 * :func:`plot_layer_bands` -- per layer ``l``, the min-max band, the 5-95% band and the median of
-  the singular values of ``J^{l-1,l}``, with a dashed line at 1 (isometry).
+  the singular values of ``J^{l-1,l}``, with a dashed line at 1 (isometry);
+* :func:`plot_training_curves` -- training loss and test error against the SGD step.
 
 When the positive values span more than two decades the value axis is logarithmic; zeros (rank
 deficient Jacobians) cannot be drawn there, and the legend says how many were left out.
@@ -22,7 +26,16 @@ import numpy as np
 
 from ._io import atomic_savefig
 
-__all__ = ["plot_jsv_histograms", "plot_jsv_ecdf", "plot_layer_bands"]
+__all__ = [
+    "atomic_savefig",
+    "new_figure",
+    "new_figure_row",
+    "plot_jsv_ecdf",
+    "plot_jsv_histograms",
+    "plot_layer_bands",
+    "plot_training_curves",
+    "require_matplotlib",
+]
 
 _INSTALL = "matplotlib is needed for refnet.plots; install it with: pip install refnet[plot]"
 
@@ -30,7 +43,8 @@ _INSTALL = "matplotlib is needed for refnet.plots; install it with: pip install 
 _DECADES_RATIO = 100.0
 
 
-def _require_matplotlib():
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` saying how to install matplotlib when it cannot be imported."""
     try:
         import matplotlib  # noqa: F401
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
@@ -39,24 +53,26 @@ def _require_matplotlib():
         raise ImportError(f"{_INSTALL} ({exc})") from exc
 
 
-def _figure(ncols: int = 1, figsize=(7.0, 4.5), sharey: bool = False):
-    _require_matplotlib()
+def new_figure(nrows: int = 1, ncols: int = 1, figsize=(7.0, 4.5), sharey: bool = False):
+    """A matplotlib Figure on the Agg canvas (no pyplot state, constrained layout) and its
+    ``(nrows, ncols)`` grid of axes (always 2-D)."""
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
-    return fig, axes
+    return fig, fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
+
+
+def new_figure_row(ncols: int = 1, figsize=(7.0, 4.5), sharey: bool = False):
+    """:func:`new_figure` with one row: ``(fig, axes)`` with ``axes`` of length ``ncols``."""
+    fig, axes = new_figure(1, ncols, figsize, sharey=sharey)
+    return fig, axes[0]
 
 
 def _wrap(title: str, width: int = 72) -> str:
     return textwrap.fill(str(title), width) if title else ""
-
-
-def _save(fig, path) -> str:
-    path = atomic_savefig(fig, path)
-    return path
 
 
 def _check_spectra(spectra) -> dict:
@@ -114,7 +130,7 @@ def plot_jsv_histograms(spectra: dict, path, bins: int = 60, log: bool = True,
     logx = bool(log) and _use_log(list(spectra.values()))
     shown = {k: v[np.isfinite(v) & ((v > 0) if logx else True)] for k, v in spectra.items()}
     allv = np.concatenate([v for v in shown.values()]) if shown else np.zeros(0)
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure_row()
     if allv.size:
         lo, hi = float(allv.min()), float(allv.max())
         if logx:
@@ -135,7 +151,7 @@ def plot_jsv_histograms(spectra: dict, path, bins: int = 60, log: bool = True,
     ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return atomic_savefig(fig, path)
 
 
 def plot_jsv_ecdf(spectra: dict, path, log: bool = True,
@@ -146,7 +162,7 @@ def plot_jsv_ecdf(spectra: dict, path, log: bool = True,
     """
     spectra = _check_spectra(spectra)
     logx = bool(log) and _use_log(list(spectra.values()))
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure_row()
     for label, v in spectra.items():
         s = np.sort(v)
         F = np.arange(1, s.size + 1) / s.size
@@ -160,7 +176,7 @@ def plot_jsv_ecdf(spectra: dict, path, log: bool = True,
     ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return atomic_savefig(fig, path)
 
 
 def plot_layer_bands(layer_values, path, log: bool = True,
@@ -192,7 +208,7 @@ def plot_layer_bands(layer_values, path, log: bool = True,
         clean[label] = _check_spectra({i + 1: a for i, a in enumerate(layers)})
     logy = bool(log) and _use_log([v for d in clean.values() for v in d.values()])
     n = len(clean)
-    fig, axes = _figure(ncols=n, figsize=(max(5.0, 3.6 * n), 4.5), sharey=True)
+    fig, axes = new_figure_row(n, figsize=(max(5.0, 3.6 * n), 4.5), sharey=True)
     for ax, (label, layers) in zip(axes, clean.items()):
         ls = np.array([int(k) for k in layers])
         q = np.array([np.percentile(v[np.isfinite(v)], [0, 5, 50, 95, 100]) if np.isfinite(v).any() else [np.nan] * 5
@@ -212,4 +228,29 @@ def plot_layer_bands(layer_values, path, log: bool = True,
     axes[0].set_ylabel("singular value of J^(l-1,l)" + (" (log scale)" if logy else ""))
     axes[0].legend(fontsize=8)
     fig.suptitle(_wrap(title, 40 * n if n > 1 else 72), fontsize=10)
-    return _save(fig, path)
+    return atomic_savefig(fig, path)
+
+
+def plot_training_curves(hist, path) -> str:
+    """Two panels against the SGD step: the training loss (mean since the previous evaluation, log
+    scale) and the test error in percent.
+
+    Parameters
+    ----------
+    hist : refnet.training.History
+        Its ``steps``, ``train_loss`` and ``test_acc`` (one entry per evaluation).
+    path : str or os.PathLike
+
+    Returns
+    -------
+    str : ``path``
+    """
+    fig, ax = new_figure_row(2, figsize=(10, 3.6))
+    ax[0].plot(hist.steps, hist.train_loss, marker=".")
+    ax[0].set_xlabel("SGD step")
+    ax[0].set_ylabel("training loss (mean since last evaluation)")
+    ax[0].set_yscale("log")
+    ax[1].plot(hist.steps, [100 * (1 - a) for a in hist.test_acc], marker=".", color="C1")
+    ax[1].set_xlabel("SGD step")
+    ax[1].set_ylabel("test error (%)")
+    return atomic_savefig(fig, path)

@@ -1,189 +1,22 @@
-"""``refnet prune``: prune at initialization, optionally repair, train, and report signal propagation.
+"""Deprecated: the ``refnet prune`` command lives in :mod:`refnet.cli.prune`.
 
-The pipeline of the SPP paper in one command: build a network, measure the Jacobian singular
-values (JSV) at initialization, prune it (connection sensitivity or a baseline), measure again,
-optionally repair the pruned weights by approximate isometry (``--repair ai``) and measure again,
-then train and report the test error. Writes OUT/masks.npz, OUT/net.npz, OUT/history.json,
-OUT/summary.json and, with matplotlib, OUT/curves.png.
+The old names (``add_arguments``, ``run``, ``METHODS``) still work: they warn
+(``DeprecationWarning``) and forward there.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
+__all__: list[str] = []
 
-__all__ = ["add_arguments", "run", "METHODS"]
-
-#: --method choices: name -> what it scores
-METHODS = {
-    "snip": "connection sensitivity |dL/dc| with the true labels (SNIP)",
-    "uniform": "connection sensitivity with the uniform-label loss (unsupervised)",
-    "pred_raw": "connection sensitivity against the net's own initial arg-max (unsupervised)",
-    "pred_softmax": "connection sensitivity against the net's own softmax held constant (degenerate: dL/dz = 0)",
-    "random": "uniform random scores (baseline)",
-    "magnitude": "|w| (baseline)",
-    "synflow": "iterative SynFlow, data-free (100 rounds, exponential schedule)",
-}
+_MOVED = ("add_arguments", "run", "METHODS")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .arch import ARCH_HELP
-    from .cli.args import float_in, int_at_least
-    from .cli import _arch_name, _data_name, _init_name
+def __getattr__(name: str):
+    if name in _MOVED:
+        import warnings
 
-    p.epilog = ARCH_HELP
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data", type=_data_name, default="mnist5k", help="dataset (default mnist5k)")
-    g.add_argument("--data-dir", default=None, help="folder of the IDX files (mnist, fashion-mnist)")
-    g.add_argument("--arch", type=_arch_name, default="mlp-7-tanh", help="architecture spec (default mlp-7-tanh)")
-    g.add_argument("--init", type=_init_name, default="orthogonal", help="initialization (default orthogonal)")
-    g.add_argument("--gamma", type=float_in(0.0, lo_open=True), default=None, help="weight variance for --init sg")
-    g.add_argument("--gain", type=float_in(0.0, lo_open=True), default=None, help="gain for orthogonal inits")
-    g.add_argument("--sigma-b", type=float_in(0.0), default=None, help="bias std (default 0)")
-    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of init, scores and batch order (default 0)")
-    g = p.add_argument_group("pruning")
-    g.add_argument("--method", choices=list(METHODS), default="snip",
-                   help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
-    g.add_argument("--sparsity", type=float_in(0.0, 1.0, hi_open=True), default=0.9, help="fraction of weights removed (default 0.9)")
-    g.add_argument("--scope", choices=["global", "layer"], default="global", help="rank over all layers (default) or per layer")
-    g.add_argument("--score-examples", type=int_at_least(1), default=100,
-                   help="training examples scored (default 100: one SNIP batch)")
-    g.add_argument("--score-batch-size", type=int_at_least(1), default=None,
-                   help="accumulate dL/dc over batches of this size before |.| (the SPP code: 100)")
-    g.add_argument("--repair", choices=["none", "ai"], default="none", help="ai: approximate isometry of the pruned weights")
-    g.add_argument("--ai-steps", type=int_at_least(1), default=10_000, help="approximate-isometry steps (default 10000)")
-    g.add_argument("--ai-lr", type=float_in(0.0, lo_open=True), default=0.1, help="approximate-isometry lr (default 0.1)")
-    g = p.add_argument_group("measurement and training")
-    g.add_argument("--jsv-examples", type=int_at_least(1), default=1000, help="test examples for the JSV statistics (default 1000)")
-    g.add_argument("--train-steps", type=int_at_least(0), default=2000, help="SGD steps after pruning (default 2000; 0: no training)")
-    g.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.1, help="learning rate (default 0.1)")
-    g.add_argument("--batch-size", type=int_at_least(1), default=100, help="mini-batch size (default 100)")
-    g.add_argument("--weight-decay", type=float_in(0.0), default=0.00025, help="coefficient of sum ||mask*W||^2 (default 0.00025, as the SPP code)")
-    g.add_argument("--out", default=os.path.join("runs", "prune"), help="output folder (default runs/prune)")
-    g.add_argument("--quiet", action="store_true", help="print only the final lines")
+        from .cli import prune
 
-
-def _masks_npz(path, masks) -> None:
-    import numpy as np
-
-    from ._io import atomic_savez
-
-    atomic_savez(path, {f"mask/{i}/{k}": np.asarray(v) for i, m in enumerate(masks) for k, v in m.items()})
-
-
-def _plot_curves(path, hist) -> str | None:
-    from ._io import atomic_savefig
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot(hist.steps, hist.train_loss, marker=".")
-    ax[0].set_xlabel("SGD step")
-    ax[0].set_ylabel("training loss (mean since last evaluation)")
-    ax[0].set_yscale("log")
-    ax[1].plot(hist.steps, [100 * (1 - a) for a in hist.test_acc], marker=".", color="C1")
-    ax[1].set_xlabel("SGD step")
-    ax[1].set_ylabel("test error (%)")
-    fig.tight_layout()
-    atomic_savefig(fig, path)
-    plt.close(fig)
-    return path
-
-
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from . import data
-    from .arch import build, parse_arch
-    from .isometry import approximate_isometry, format_isometry_report
-    from .pruning import (
-        connection_sensitivity,
-        format_pruning_report,
-        magnitude_scores,
-        prune,
-        pruning_report,
-        random_scores,
-        synflow_prune,
-    )
-    from .spectrum import format_stats, jsv_stats
-    from .training import train
-    from ._io import atomic_write_text
-
-    say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
-    os.makedirs(args.out, exist_ok=True)
-    spec = parse_arch(args.arch)
-    X, y = data.load(args.data, split="train", data_dir=args.data_dir, flatten=spec.flat_input)
-    Xt, yt = data.load(args.data, split="test", data_dir=args.data_dir, flatten=spec.flat_input)
-    init_kwargs = {k: v for k, v in (("gamma", args.gamma), ("gain", args.gain), ("sigma_b", args.sigma_b)) if v is not None}
-    net = build(args.arch, X.shape[1:], data.DATASETS[args.data].n_classes, init=args.init, seed=args.seed, **init_kwargs)
-    say(net.summary())
-    xj = Xt[: args.jsv_examples]
-    summary = {"arch": args.arch, "init": args.init, "init_kwargs": init_kwargs, "data": args.data, "seed": args.seed,
-               "method": args.method, "sparsity": args.sparsity, "scope": args.scope, "repair": args.repair}
-
-    def measure(label, model):
-        t = time.perf_counter()
-        stats = jsv_stats(model, xj)
-        say(format_stats(stats, title=f"JSV {label} ({len(xj)} test examples, {time.perf_counter() - t:.1f}s)"))
-        summary[f"jsv_{label.replace(' ', '_')}"] = stats
-        return stats
-
-    measure("after init", net)
-    t = time.perf_counter()
-    xs, ys = X[: args.score_examples], y[: args.score_examples]
-    if args.method == "synflow":
-        masks = synflow_prune(net, sparsity=args.sparsity, scope=args.scope)
-    else:
-        if args.method in ("snip", "uniform", "pred_raw", "pred_softmax"):
-            loss = "cross_entropy" if args.method == "snip" else args.method
-            scores = connection_sensitivity(net, xs, ys, loss=loss, batch_size=args.score_batch_size)
-        elif args.method == "random":
-            scores = random_scores(net, args.seed)
-        else:
-            scores = magnitude_scores(net)
-        masks = prune(net, scores, sparsity=args.sparsity, scope=args.scope)
-    pruned = net.with_masks(masks)
-    summary["prune_seconds"] = time.perf_counter() - t
-    report = pruning_report(pruned)
-    summary["layers"] = report
-    say(format_pruning_report(report))
-    _masks_npz(os.path.join(args.out, "masks.npz"), pruned.masks)
-    measure("after pruning", pruned)
-    if args.repair == "ai":
-        t = time.perf_counter()
-        pruned, ai = approximate_isometry(pruned, steps=args.ai_steps, lr=args.ai_lr, return_report=True)
-        say(format_isometry_report(ai))
-        say(f"approximate isometry: {time.perf_counter() - t:.1f}s")
-        summary["ai"] = {k: v for k, v in ai.items() if k != "layers"} | {"layers": ai.get("layers")}
-        measure("after repair", pruned)
-    if args.train_steps:
-        say(f"training {args.train_steps} steps, lr {args.lr:g}, batch {args.batch_size}, weight decay {args.weight_decay:g}")
-        hist = train(pruned, X, y, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
-                     weight_decay=args.weight_decay, seed=args.seed, X_test=Xt, y_test=yt,
-                     progress=None if not args.quiet else False,
-                     history_path=os.path.join(args.out, "history.json"))
-        still_pruned = all(not np.any((p[k] * ~m[k]) != (net.params[i][k] * ~m[k]))
-                           for i, (p, m) in enumerate(zip(pruned.params, pruned.masks)) for k in p)
-        summary.update(final_test_error=1 - hist.final_test_acc, best_test_error=hist.best_test_error,
-                       best_test_step=hist.best_test_step, train_seconds=hist.wall_time,
-                       pruned_weights_untouched=bool(still_pruned))
-        curves = _plot_curves(os.path.join(args.out, "curves.png"), hist)
-        if curves:
-            summary["curves"] = os.path.basename(curves)
-        print(f"final test error {100 * (1 - hist.final_test_acc):.2f}%, best {100 * hist.best_test_error:.2f}% "
-              f"at step {hist.best_test_step}")
-    pruned.save(os.path.join(args.out, "net.npz"))
-    from ._io import jsonable
-
-    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(jsonable(summary), indent=2, allow_nan=False))
-    print(f"wrote {args.out}/summary.json, masks.npz, net.npz" + (", history.json, curves.png" if args.train_steps else ""))
-    sys.stdout.flush()
-    return 0
+        warnings.warn(f"refnet.prune_cmd.{name} is deprecated; use refnet.cli.prune.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(prune, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,26 +28,21 @@ any moment. The singular values themselves are kept (``n_examples * min(N_end, N
 plus the same per layer when ``layerwise``), so every statistic is computed once at the end from
 the full set and does not depend on ``batch_size``.
 
-The ``refnet spectrum`` command (:func:`add_spectrum_parser`, :func:`run_spectrum`) prints these
-statistics for one or more initialisations and writes ``stats.json`` and PNG plots.
-``stats.json`` is strict JSON: an infinite condition number (a zero singular value) is written as
-the string "inf" (``float("inf")`` reads it back).
+The ``refnet spectrum`` command (:mod:`refnet.cli.spectrum`) prints these statistics for one or
+more initialisations and writes ``stats.json`` and PNG plots. ``stats.json`` is strict JSON: an
+infinite condition number (a zero singular value) is written as the string "inf"
+(``float("inf")`` reads it back).
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-import os
-import time
 
 import numpy as np
 
 from . import kernels
 from ._checks import check_float, check_int
-from ._io import atomic_write_text, jsonable
-from .jacobians import _check_net, _check_range, jacobian
-from .network import Network
+from .jacobians import check_range, jacobian
+from .network import Network, check_net
+from .progress import Progress, progress_target
 
 __all__ = [
     "singular_values",
@@ -56,8 +51,7 @@ __all__ = [
     "summarize",
     "jsv_stats",
     "format_stats",
-    "add_spectrum_arguments",
-    "run_spectrum",
+    "layer_label",
 ]
 
 
@@ -103,7 +97,7 @@ def _batch_starts(n: int, batch_size) -> tuple[range, int]:
 
 
 def collect_singular_values(net, x, start: int = 0, end: int | None = None, batch_size: int = 100, *,
-                            layerwise: bool = True, zero_rtol=None, max_elements=None):
+                            layerwise: bool = True, zero_rtol=None, max_elements=None, progress=None):
     """Singular values of ``J^{start,end}`` and (optionally) of every layer Jacobian, in one pass.
 
     One forward pass per batch serves both: its trace is reused by :func:`refnet.jacobians.jacobian`
@@ -123,6 +117,8 @@ def collect_singular_values(net, x, start: int = 0, end: int | None = None, batc
         Relative threshold below which a singular value is reported as 0 (module doc).
     max_elements : int, optional
         Budget per Jacobian array, as in :func:`refnet.jacobians.jacobian`.
+    progress : None, bool or text stream
+        A bar over the batches (:mod:`refnet.progress`: None shows one when stderr is a terminal).
 
     Returns
     -------
@@ -133,23 +129,26 @@ def collect_singular_values(net, x, start: int = 0, end: int | None = None, batc
     """
     from .jacobians import layer_jacobians
 
-    _check_net(net)
-    start, end = _check_range(net, start, end)
+    check_net(net)
+    start, end = check_range(net, start, end)
     x = _check_x(net, x)
     starts, bs = _batch_starts(x.shape[0], batch_size)
+    progress_target(progress)  # checked before any work
     sv, layer_sv = [], [[] for _ in range(start, end)] if layerwise else None
-    for i in starts:
-        xb = x[i : i + bs]  # (b, *in_shape)
-        _, trace = net.forward(xb, return_trace=True)
-        J = jacobian(net, xb, start, end, trace=trace, max_elements=max_elements)  # (b, N_end, N_start)
-        sv.append(_svdvals(J, zero_rtol, f"J^({start},{end})"))
-        del J
-        if layerwise:
-            # layer_jacobians forms every layer; only start..end-1 are used
-            Js = layer_jacobians(net, xb, trace=trace, max_elements=max_elements)  # [(b, N_l, N_{l-1})]
-            for k, l in enumerate(range(start, end)):
-                layer_sv[k].append(_svdvals(Js[l], zero_rtol, f"J^({l},{l + 1})"))
-            del Js
+    with Progress(progress, len(starts), desc="Jacobian batch", unit="batches") as bar:
+        for i in starts:
+            xb = x[i : i + bs]  # (b, *in_shape)
+            _, trace = net.forward(xb, return_trace=True)
+            J = jacobian(net, xb, start, end, trace=trace, max_elements=max_elements)  # (b, N_end, N_start)
+            sv.append(_svdvals(J, zero_rtol, f"J^({start},{end})"))
+            del J
+            if layerwise:
+                # layer_jacobians forms every layer; only start..end-1 are used
+                Js = layer_jacobians(net, xb, trace=trace, max_elements=max_elements)  # [(b, N_l, N_{l-1})]
+                for k, l in enumerate(range(start, end)):
+                    layer_sv[k].append(_svdvals(Js[l], zero_rtol, f"J^({l},{l + 1})"))
+                del Js
+            bar.update()
     sv = np.concatenate(sv, axis=0)
     if layerwise:
         layer_sv = [np.concatenate(v, axis=0) for v in layer_sv]
@@ -157,7 +156,7 @@ def collect_singular_values(net, x, start: int = 0, end: int | None = None, batc
 
 
 def singular_values(net, x, start: int = 0, end: int | None = None, batch_size: int = 100, *,
-                    zero_rtol=None, max_elements=None) -> np.ndarray:
+                    zero_rtol=None, max_elements=None, progress=None) -> np.ndarray:
     """Singular values of ``J^{start,end}`` of every example, streamed over ``x`` in batches.
 
     Parameters
@@ -177,11 +176,11 @@ def singular_values(net, x, start: int = 0, end: int | None = None, batch_size: 
     ndarray, shape (n_examples, min(N_end, N_start)), float64, each row descending.
     """
     sv, _ = collect_singular_values(net, x, start, end, batch_size, layerwise=False,
-                                    zero_rtol=zero_rtol, max_elements=max_elements)
+                                    zero_rtol=zero_rtol, max_elements=max_elements, progress=progress)
     return sv
 
 
-def layer_singular_values(net, x, batch_size: int = 100, *, zero_rtol=None, max_elements=None) -> list:
+def layer_singular_values(net, x, batch_size: int = 100, *, zero_rtol=None, max_elements=None, progress=None) -> list:
     """Singular values of every layer Jacobian ``J^{l-1,l}`` (``= D^l W^l``), per example.
 
     Streamed over ``x`` in batches like :func:`singular_values` (layer Jacobians from
@@ -195,15 +194,18 @@ def layer_singular_values(net, x, batch_size: int = 100, *, zero_rtol=None, max_
     """
     from .jacobians import layer_jacobians
 
-    _check_net(net)
+    check_net(net)
     x = _check_x(net, x)
     starts, bs = _batch_starts(x.shape[0], batch_size)
+    progress_target(progress)  # checked before any work
     out = [[] for _ in net.layers]
-    for i in starts:
-        Js = layer_jacobians(net, x[i : i + bs], max_elements=max_elements)  # [(b, N_l, N_{l-1})]
-        for l, J in enumerate(Js):
-            out[l].append(_svdvals(J, zero_rtol, f"J^({l},{l + 1})"))
-        del Js
+    with Progress(progress, len(starts), desc="Jacobian batch", unit="batches") as bar:
+        for i in starts:
+            Js = layer_jacobians(net, x[i : i + bs], max_elements=max_elements)  # [(b, N_l, N_{l-1})]
+            for l, J in enumerate(Js):
+                out[l].append(_svdvals(J, zero_rtol, f"J^({l},{l + 1})"))
+            del Js
+            bar.update()
     return [np.concatenate(v, axis=0) for v in out]
 
 
@@ -220,7 +222,8 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _layer_label(net, l: int) -> str:
+def layer_label(net, l: int) -> str:
+    """The name of ``net.layers[l]`` in reports: its type and activation, e.g. ``Dense[tanh]``."""
     layer = net.layers[l]
     act = getattr(layer, "activation", None)
     return type(layer).__name__ + (f"[{act.name}]" if act is not None and hasattr(act, "name") else "")
@@ -274,7 +277,7 @@ def summarize(sv, layer_sv=None, *, epsilon: float = 0.1, layers=None, layer_nam
 
 
 def jsv_stats(net, x, *, start: int = 0, end: int | None = None, batch_size: int = 100, epsilon: float = 0.1,
-              layerwise: bool = True, zero_rtol=None, max_elements=None) -> dict:
+              layerwise: bool = True, zero_rtol=None, max_elements=None, progress=None) -> dict:
     """Jacobian singular value statistics of ``J^{start,end}`` over the examples ``x``.
 
     Parameters
@@ -291,6 +294,8 @@ def jsv_stats(net, x, *, start: int = 0, end: int | None = None, batch_size: int
         Add the layerwise keys for the layers ``l = start+1 .. end``.
     zero_rtol : float >= 0, optional
         See :func:`singular_values`.
+    progress : None, bool or text stream
+        A bar over the batches (:mod:`refnet.progress`: None shows one when stderr is a terminal).
 
     Returns
     -------
@@ -303,13 +308,13 @@ def jsv_stats(net, x, *, start: int = 0, end: int | None = None, batch_size: int
         the fraction of singular values of ``J^{l-1,l}`` with ``|1 - sigma| <= epsilon``),
         ``ldi_epsilon``, ``layer_mean``, ``layer_min``, ``layer_max``.
     """
-    _check_net(net)
-    start, end = _check_range(net, start, end)
+    check_net(net)
+    start, end = check_range(net, start, end)
     epsilon = check_float(epsilon, "epsilon", min_value=0.0)
     sv, layer_sv = collect_singular_values(net, x, start, end, batch_size, layerwise=layerwise,
-                                           zero_rtol=zero_rtol, max_elements=max_elements)
+                                           zero_rtol=zero_rtol, max_elements=max_elements, progress=progress)
     layers = list(range(start + 1, end + 1))
-    names = [_layer_label(net, l - 1) for l in layers]
+    names = [layer_label(net, l - 1) for l in layers]
     out = summarize(sv, layer_sv, epsilon=epsilon, layers=layers, layer_names=names)
     out["start"], out["end"] = start, end
     return out
@@ -346,197 +351,19 @@ def format_stats(stats: dict, title: str | None = None) -> str:
 
 
 # ============================================================================================
-# random pruning (a connection-sensitivity method will come with its own module)
+# the `refnet spectrum` command moved to refnet.cli.spectrum: the old names warn and forward
 # ============================================================================================
 
-
-# ============================================================================================
-# the `refnet spectrum` command
-# ============================================================================================
-
-def _gammas(text: str) -> list:
-    from .cli.args import float_in
-
-    return [float_in(0.0, lo_open=True)(t) for t in text.split(",") if t.strip()]
+_MOVED_TO_CLI = {"add_spectrum_arguments": "add_arguments", "run_spectrum": "run"}
 
 
-def add_spectrum_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the options of ``refnet spectrum`` to a parser (for :func:`refnet.cli.register`)."""
-    from .arch import ARCH_HELP
-    from .cli.args import float_in, int_at_least
+def __getattr__(name: str):
+    if name in _MOVED_TO_CLI:
+        import warnings
 
-    _positive_float, _nonneg_float = float_in(0.0, lo_open=True), float_in(0.0)
-    p.epilog = ARCH_HELP
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data", default="mnist5k", help="dataset: mnist5k (default), digits, mnist, fashion-mnist, synthetic")
-    g.add_argument("--data-dir", default=None, help="folder of the IDX files (mnist, fashion-mnist)")
-    g.add_argument("--split", default="test", choices=["train", "test", "all"],
-                   help="split the examples are taken from (default test)")
-    g.add_argument("--n-examples", type=int_at_least(1), default=1000,
-                   help="number of examples (the first ones of the split; default 1000, capped at the split size)")
-    g.add_argument("--arch", default="mlp-7-tanh", help="architecture spec (default mlp-7-tanh; see below)")
-    g.add_argument("--init", action="append", default=None, metavar="NAME[,NAME...]",
-                   help="initialisation(s) to compare: lecun|glorot|he|sg|orthogonal|delta_orthogonal or "
-                        "vs-l|vs-g|vs-h|ldi; repeat the option or separate by commas (default orthogonal)")
-    g.add_argument("--gamma", action="append", type=_gammas, default=None, metavar="G[,G...]",
-                   help="weight variance of --init sg; several values (repeated or comma-separated) give one "
-                        "sg run each")
-    g.add_argument("--gain", type=_positive_float, default=None, help="gain of the orthogonal inits (default 1)")
-    g.add_argument("--sigma-b", type=_nonneg_float, default=None, help="bias std of every init (default 0)")
-    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the init and of the pruning mask (default 0)")
-    g = p.add_argument_group("pruning")
-    g.add_argument("--sparsity", type=float_in(0.0, 1.0, hi_open=True), default=None,
-                   help="prune this fraction of all weights (global) before measuring; default: no pruning")
-    g.add_argument("--prune", default="snip", choices=["snip", "random", "magnitude"],
-                   help="pruning method for --sparsity (refnet.pruning; exactly round(m*(1-sparsity)) of the m "
-                        "weights kept, biases kept): snip scores the first 100 training examples (default)")
-    g = p.add_argument_group("measurement and output")
-    g.add_argument("--batch-size", type=int_at_least(1), default=100, help="examples per Jacobian batch (default 100)")
-    g.add_argument("--epsilon", type=_nonneg_float, default=0.1,
-                   help="layerwise dynamical isometry tolerance |1 - sigma| <= epsilon (default 0.1)")
-    g.add_argument("--out", default=os.path.join("runs", "spectrum"),
-                   help="output folder for stats.json and the plots (default runs/spectrum)")
+        from .cli import spectrum as cli_spectrum
 
-
-def _init_runs(args) -> list[tuple[str, str, dict]]:
-    """``(label, init name, init kwargs)`` for every run the arguments ask for."""
-    from .init import get_initializer
-
-    names = []
-    for item in args.init or ["orthogonal"]:
-        names += [t.strip() for t in item.split(",") if t.strip()]
-    if not names:
-        raise ValueError("argument --init: no initialisation given")
-    gammas = [g for gs in (args.gamma or []) for g in gs]
-    runs, used = [], set()
-    for name in names:
-        try:
-            try:
-                ini = get_initializer(name)
-            except ValueError:
-                ini = get_initializer(name, gamma=1.0)  # sg needs a gamma to resolve
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"argument --init: {exc}") from None
-        allowed = set(ini.kwargs)
-        kw = {}
-        if args.sigma_b is not None:
-            kw["sigma_b"] = args.sigma_b
-        if args.gain is not None and "gain" in allowed:
-            kw["gain"] = args.gain
-            used.add("gain")
-        if "gamma" in allowed:
-            if not gammas:
-                raise ValueError(f"argument --gamma: init {name!r} needs the weight variance --gamma, got none")
-            used.add("gamma")
-            for g in gammas:
-                runs.append((f"{name}(gamma={g:g})", name, {**kw, "gamma": g}))
-            continue
-        label = name + (f"(gain={args.gain:g})" if "gain" in kw else "")
-        runs.append((label, name, kw))
-    if gammas and "gamma" not in used:
-        raise ValueError(f"argument --gamma: applies only to --init sg, got inits {names}")
-    if args.gain is not None and "gain" not in used:
-        raise ValueError(f"argument --gain: applies only to orthogonal inits, got inits {names}")
-    labels = [r[0] for r in runs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"argument --init: the same initialisation is asked for twice: {labels}")
-    return runs
-
-
-def _prune(net, args, name, spec) -> list:
-    """Masks of ``--prune`` at ``--sparsity`` through :mod:`refnet.pruning`."""
-    from . import data, pruning
-
-    if args.prune == "random":
-        scores = pruning.random_scores(net, args.seed)
-    elif args.prune == "magnitude":
-        scores = pruning.magnitude_scores(net)
-    else:
-        Xs, ys = data.load(name, split="train", data_dir=args.data_dir, flatten=spec.flat_input)
-        scores = pruning.connection_sensitivity(net, Xs[:100], ys[:100])
-    return pruning.prune(net, scores, sparsity=args.sparsity)
-
-
-def run_spectrum(args: argparse.Namespace) -> int:
-    """Run ``refnet spectrum`` from parsed arguments; returns the exit status (0 on success).
-
-    Bad arguments raise ``ValueError`` naming the option (``refnet.cli.main`` prints it, status 2).
-    """
-    from . import data
-    from .arch import build, parse_arch
-
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"argument --out: {out!r} exists and is not a folder")
-    try:
-        spec = parse_arch(args.arch)
-    except ValueError as exc:
-        raise ValueError(f"argument --arch: {str(exc).splitlines()[0]}") from None
-    runs = _init_runs(args)
-    name = args.data.lower().replace("_", "-")
-    if name not in data.DATASETS:
-        raise ValueError(f"argument --data: must be one of {', '.join(data.DATASETS)}, got {args.data!r}")
-    info = data.DATASETS[name]
-    X, _ = data.load(name, split=args.split, data_dir=args.data_dir, flatten=spec.flat_input)
-    n = min(args.n_examples, X.shape[0])
-    if n < args.n_examples:
-        print(f"note: the {args.split} split of {name} has {X.shape[0]} examples; using all of them")
-    X = X[:n]
-    print(f"data: {name} {args.split} split, {n} examples of shape {X.shape[1:]}; arch: {args.arch}")
-    if args.sparsity is not None:
-        print(f"pruning: {args.prune}, sparsity {args.sparsity:g} (global, biases kept), seed {args.seed}")
-
-    results, spectra, layer_spectra = {}, {}, {}
-    for label, init, kw in runs:
-        t0 = time.perf_counter()
-        net = build(args.arch, X.shape[1:], info.n_classes, init=init, seed=args.seed, **kw)
-        if args.sparsity is not None:
-            net = net.with_masks(_prune(net, args, name, spec))
-        sv, lsv = collect_singular_values(net, X, batch_size=args.batch_size)
-        K = net.n_layers
-        stats = summarize(sv, lsv, epsilon=args.epsilon, layers=list(range(1, K + 1)),
-                          layer_names=[_layer_label(net, l) for l in range(K)])
-        stats.update(start=0, end=K, init=init, init_kwargs=kw, density=net.density(),
-                     seconds=round(time.perf_counter() - t0, 3))
-        results[label] = stats
-        spectra[label] = sv.ravel()
-        layer_spectra[label] = lsv
-        print()
-        print(format_stats(stats, title=label))
-
-    doc = {
-        "command": "spectrum",
-        "arch": args.arch,
-        "data": name,
-        "split": args.split,
-        "n_examples": n,
-        "seed": args.seed,
-        "sparsity": args.sparsity,
-        "prune": args.prune if args.sparsity is not None else None,
-        "epsilon": args.epsilon,
-        "results": results,
-    }
-    stats_path = os.path.join(out, "stats.json")
-    atomic_write_text(stats_path, json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n")  # strict JSON: inf -> "inf"
-    print()
-    print(f"wrote {stats_path}")
-
-    try:
-        from . import plots
-
-        plots._require_matplotlib()
-    except ImportError as exc:
-        print(f"note: no plots ({exc})")
-        return 0
-    what = "dx^K/dx^0" + (f", {args.prune} pruning at sparsity {args.sparsity:g}" if args.sparsity is not None else "")
-    paths = [
-        plots.plot_jsv_histograms(spectra, os.path.join(out, "jsv_hist.png"),
-                                  title=f"Input-output Jacobian singular values ({what}), {args.arch}, {n} examples"),
-        plots.plot_jsv_ecdf(spectra, os.path.join(out, "jsv_ecdf.png"),
-                            title=f"Empirical CDF of the input-output JSV ({what}), {args.arch}"),
-        plots.plot_layer_bands(layer_spectra, os.path.join(out, "layer_bands.png"),
-                               title=f"Layer Jacobian singular values J^(l-1,l), {args.arch}, {n} examples"),
-    ]
-    for p in paths:
-        print(f"wrote {p}")
-    return 0
+        new = _MOVED_TO_CLI[name]
+        warnings.warn(f"refnet.spectrum.{name} is deprecated; use refnet.cli.spectrum.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(cli_spectrum, new)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ def tiny(monkeypatch):
     from refnet.benchmarks.common import median_time
 
     monkeypatch.setattr(gpu, "SIZES", TINY)
-    monkeypatch.setattr(gpu, "_time", lambda fn, quick: median_time(fn, repeat=2, warmup=1, min_time=0.0))
+    monkeypatch.setattr(gpu, "time_call", lambda fn, quick: median_time(fn, repeat=2, warmup=1, min_time=0.0))
 
 
 def test_without_cupy_the_suite_says_why_and_measures_nothing(monkeypatch, capsys):

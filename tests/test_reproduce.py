@@ -6,7 +6,7 @@ import json
 import pytest
 
 from refnet.cli import main
-from refnet.reproduce import write_summary
+from refnet.cli.reproduce import write_summary
 from refnet.validation import SCRIPTS
 from refnet.validation.common import check_row, md_cell
 

@@ -12,11 +12,8 @@ Every file is written atomically (temporary file, then ``os.replace``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +21,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from refnet._io import atomic_savefig, atomic_write_text
+from refnet._io import atomic_write_text
 from refnet._io import jsonable as _jsonable  # NumPy values and non-finite floats ("inf") for strict JSON
+from refnet.cli.args import Namespace
+from refnet.cli.reproduce import add_validation_arguments, parse_validation_args
+from refnet.plots import atomic_savefig, new_figure, new_figure_row  # figures are made and saved in refnet.plots
+from refnet.progress import Progress, get_logger
+
+_log = get_logger("validation")
 
 __all__ = ["Check", "Run", "add_common_arguments", "parse_args", "seeded_settings", "start", "unit_grid", "atomic_savefig", "atomic_write_text", "fmt", "load_data", "new_figure", "new_figure_row", "train_record"]
 
@@ -68,34 +71,16 @@ class Check:
     note: str = ""
 
 
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags shared by every script and ``refnet reproduce`` (which passes them on to each)."""
-    p.add_argument("--quick", action="store_true", help="a reduced run (minutes) that keeps the comparison meaningful")
-    p.add_argument("--tiny", action="store_true", help="a smoke-test run (seconds); numbers are not meaningful")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    p.add_argument("--engine", default=None, help="kernel engine: numpy, numba or cupy (default: automatic)")
-    p.add_argument("--data", default="mnist5k", help="data set: mnist5k (default, embedded), mnist, fashion-mnist, digits")
-    p.add_argument("--data-dir", default=None,
-                   help="folder with the MNIST / Fashion-MNIST IDX files (for --data mnist or fashion-mnist)")
-    p.add_argument("--out", default="runs/reproduce", help="output folder; each script writes OUT/<name>/ (default runs/reproduce)")
-    p.add_argument("--fresh", action="store_true", help="recompute instead of resuming earlier results")
+def add_common_arguments(p) -> None:
+    """The flags shared by every script and ``refnet reproduce`` (which passes them on to each);
+    defined in :func:`refnet.cli.reproduce.add_validation_arguments`."""
+    add_validation_arguments(p)
 
 
-def parse_args(name: str, description: str, argv=None, add_arguments: Callable | None = None) -> argparse.Namespace:
-    """The flags every script takes, plus the script's own (``add_arguments(parser)``)."""
-    ap = argparse.ArgumentParser(prog=f"refnet reproduce {name}", description=description)
-    add_common_arguments(ap)
-    ap.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress (default: when stderr is a terminal)")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    if add_arguments is not None:
-        add_arguments(ap)
-    args = ap.parse_args(argv)
-    if args.seed < 0:
-        ap.error(f"--seed must be >= 0, got {args.seed}")
-    if args.engine is not None:
-        os.environ["REFNET_ENGINE"] = args.engine
-    args.mode = "tiny" if args.tiny else ("quick" if args.quick else "full")
-    return args
+def parse_args(name: str, description: str, argv=None, add_arguments: Callable | None = None) -> Namespace:
+    """The flags every script takes, plus the script's own (``add_arguments(parser)``); parsed by
+    :func:`refnet.cli.reproduce.parse_validation_args`."""
+    return parse_validation_args(name, description, argv, add_arguments)
 
 
 def train_record(net, data, *, steps: int, eval_every: int, seed: int, progress=False, **train_kwargs) -> dict:
@@ -162,22 +147,6 @@ def _code_fingerprint(name: str) -> str:
     return h.hexdigest()[:12]
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, figsize=(7.0, 4.5), sharey: bool = False):
-    """A matplotlib Figure on the Agg canvas (no pyplot state) and its ``(nrows, ncols)`` axes grid."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
-
-
-def new_figure_row(ncols: int = 1, figsize=(7.0, 4.5)):
-    """:func:`new_figure` with one row: ``(fig, axes)`` with ``axes`` of length ``ncols``."""
-    fig, axes = new_figure(1, ncols, figsize)
-    return fig, axes[0]
-
-
 class Run:
     """Results, checks and files of one script run, resumable.
 
@@ -190,9 +159,13 @@ class Run:
         engine and code (the script's source hash) is resumed unless ``--fresh``.
     title : str
         The report's heading.
+
+    Progress (``args.progress``: None, the default, when stderr is a terminal) is a bar counting the
+    computed units (:class:`refnet.progress.Progress`) with the unit in hand, and a line per unit
+    done above it; without it those lines are INFO records of the ``refnet.validation`` logger.
     """
 
-    def __init__(self, name: str, args: argparse.Namespace, title: str):
+    def __init__(self, name: str, args: Namespace, title: str):
         self.name, self.args, self.title = name, args, title
         self.dir = Path(args.out) / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +185,8 @@ class Run:
             except (json.JSONDecodeError, OSError):
                 self.units = {}
         self.resumed = len(self.units)
-        self._progress = args.progress if args.progress is not None else sys.stderr.isatty()
+        self._bar = Progress(args.progress, None, desc=name, unit="units", name="args.progress")
+        self._progress = self._bar.shown  # the scripts pass it on to their training runs
 
     # --- units of work -------------------------------------------------------------------------
     def unit(self, key: str, compute: Callable[[], Any]):
@@ -220,17 +194,22 @@ class Run:
         rerun after an interruption takes it from there."""
         if key in self.units:
             return self.units[key]
-        self.log(f"{self.name}: {key} ...")
+        self._bar.describe(key)
         t = time.perf_counter()
         value = _jsonable(compute())
         self.units[key] = value
         self._save(status="running")
+        self._bar.update()
         self.log(f"{self.name}: {key} done in {time.perf_counter() - t:.1f}s")
         return value
 
     def log(self, message: str) -> None:
-        if self._progress:
-            print(message, file=sys.stderr, flush=True)
+        """A line above the progress bar when it is shown, else an INFO record of the
+        ``refnet.validation`` logger."""
+        if self._bar.shown:
+            self._bar.write(message)
+        else:
+            _log.info("%s", message)
 
     # --- report --------------------------------------------------------------------------------
     def check(self, name: str, paper, refnet, criterion: str, holds: bool | None, note: str = "") -> Check:
@@ -274,6 +253,7 @@ class Run:
 
     def finish(self) -> int:
         """Write results.json and report.md; return 0 (a failed check is a finding, not an error)."""
+        self._bar.close()
         self._save(status="done")
         atomic_write_text(self.dir / "report.md", self.report_markdown())
         n_yes = sum(c.holds is True for c in self.checks)
