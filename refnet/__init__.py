@@ -7,13 +7,14 @@ NumPy (no autodiff anywhere in the engine).
 >>> net = rn.mlp([784] + [100] * 6 + [10], activation="tanh", init="orthogonal", seed=0)
 """
 
-from . import activations, arch, conv, data, init, isometry, jacobians, layers, lottery, losses, prop1, pruning, spectrum, theory, training
+from . import activations, arch, conv, data, init, isometry, jacobians, layers, lottery, losses, neuron_pruning, progress, prop1, pruning, spectrum, theory, training
 from .activations import Activation, get_activation
 from .init import Initializer, get_initializer
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
 from .losses import cross_entropy, get_loss, mse
 from .arch import build
-from .isometry import approximate_isometry, isometry_residuals, l1_neuron_prune, orthp
+from .isometry import approximate_isometry, isometry_residuals
+from .neuron_pruning import l1_neuron_prune, orthp
 from .jacobians import jacobian, jacobian_svd, layer_jacobians
 from .spectrum import jsv_stats, singular_values
 from .lottery import imp
@@ -89,6 +90,8 @@ __all__ = [
     "get_loss",
     "init",
     "layers",
+    "neuron_pruning",
+    "progress",
     "load_network",
     "losses",
     "mlp",

@@ -192,7 +192,7 @@ def _erf_d(h):
 
 
 def _erf_dd(h):
-    return -2.0 * h * _TWO_OVER_SQRT_PI * np.exp(-h * h)
+    return -2.0 * h * _erf_d(h)  # (-2 h) erf'(h)
 
 
 # --- softplus (exact: log(1 + e^h), no linear cut-off) --------------------------------------

@@ -1,4 +1,4 @@
-r"""Approximate isometry (AI, [SPP]) and OrthP ([DI]): repairing the weights of a pruned network.
+r"""Approximate isometry (AI, [SPP]): repairing the weights of a pruned network, data-free.
 
 Approximate isometry (PAPER.md section 7)
 -----------------------------------------
@@ -61,26 +61,25 @@ Speed: each step of a layer is :func:`refnet.kernels.isometry_step` (Numba spars
 gradient kernels at 80% sparsity and more): 500 steps of that MLP at 90% take 0.27 s against
 0.64 s on the NumPy engine (one thread).
 
-OrthP and L1 neuron pruning ([DI], PAPER.md section 11)
-------------------------------------------------------
-:func:`l1_neuron_prune` removes whole units (rows of ``W^l``, entries of ``b^l``, columns of
-``W^{l+1}``), giving a smaller dense network; :func:`orthp` then re-orthogonalises every remaining
-weight matrix by QR.
+OrthP and L1 neuron pruning ([DI], PAPER.md section 11), which remove whole units and repair the
+smaller dense network by QR, live in :mod:`refnet.neuron_pruning`; ``refnet.isometry.orthp``,
+``l1_neuron_prune``, ``activation_gain`` and ``DEFAULT_GAINS`` still work there, with a
+DeprecationWarning.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import math
 import numbers
 import time
+import warnings
 
 import numpy as np
 
 from ._checks import check_array, check_choice, check_float, check_int
-from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
-from .network import Network
-from .training import _progress_target
+from .network import Network, check_net
+from .progress import Progress, progress_target
 
 __all__ = [
     "affine_layers",
@@ -94,10 +93,7 @@ __all__ = [
     "min_residual_weights",
     "approximate_isometry",
     "format_isometry_report",
-    "DEFAULT_GAINS",
-    "activation_gain",
-    "orthp",
-    "l1_neuron_prune",
+    "select_affine_layers",
 ]
 
 GRAM_CHOICES = ("smaller", "row", "column")
@@ -118,8 +114,7 @@ SPARSE_MIN_SIZE = 65_536
 
 def affine_layers(net: Network) -> list[int]:
     """Indices (into ``net.layers``) of the layers with a weight ``W`` (Dense, Conv2d)."""
-    if not isinstance(net, Network):
-        raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")
+    check_net(net)
     return [i for i, layer in enumerate(net.layers) if "W" in layer.keys]
 
 
@@ -246,7 +241,10 @@ def _norm_scale_direction(V, side, mask, sparse, squared):
     return norm, scale, (_times_A(A, V, side, mask, sparse) if scale else None)
 
 
-def _check_layers(net: Network, layers) -> list[int]:
+def select_affine_layers(net: Network, layers=None) -> list[int]:
+    """The affine layers named by ``layers`` (indices into ``net.layers``, negative ones counted
+    from the end; one int or a list), checked, without repeats and sorted; default: every affine
+    layer. A ValueError or TypeError names ``layers`` and the offending index."""
     aff = affine_layers(net)
     if not aff:
         raise ValueError("net has no affine layers (Dense or Conv2d): nothing to make isometric")
@@ -278,7 +276,7 @@ def _check_layers(net: Network, layers) -> list[int]:
 def isometry_residuals(net: Network, *, squared: bool = False, gram: str = "smaller", layers=None) -> list[float]:
     """``||A_l||_F`` (or its square) of every affine layer (or of ``layers``), in layer order,
     with ``V_l = mask_l * W_l`` (see the module docstring for ``A_l``)."""
-    idx = _check_layers(net, layers)
+    idx = select_affine_layers(net, layers)
     out = []
     for i in idx:
         V = layer_matrix(net.params[i]["W"] * net.masks[i]["W"])
@@ -291,7 +289,7 @@ def isometry_gradients(net: Network, squared: bool = False, *, gram: str = "smal
     """Gradient of ``sum_l ||A_l||_F`` (or of the squares) with respect to every affine layer's
     stored ``W`` (shape of ``W``, exactly zero at pruned entries), one array per affine layer
     (or per entry of ``layers``), in layer order."""
-    idx = _check_layers(net, layers)
+    idx = select_affine_layers(net, layers)
     out = []
     for i in idx:
         W, M = net.params[i]["W"], net.masks[i]["W"]
@@ -382,24 +380,11 @@ def min_residual_weights(mask, *, gram: str = "smaller") -> np.ndarray:
 # ============================================================================================
 
 
-def _progress_fn(progress, steps: int):
-    stream = _progress_target(progress)
-    if stream is None or not hasattr(stream, "write"):
-        return stream  # no reports, or the caller's callable
-    every = max(1, steps // 10)
-
-    def report(step, value):
-        if step % every == 0 or step == steps:
-            stream.write(f"AI step {step}/{steps}  objective {value:.6e}\n")
-            stream.flush()
-
-    return report
-
-
-def _descend(steppers, Vs, steps, lr, squared, tol, report_fn):
+def _descend(steppers, Vs, steps, lr, squared, tol, bar: Progress):
     """The gradient-descent loop of :func:`approximate_isometry`. ``steppers[k](V)`` returns
     ``(||A||_F of V, V after one step)`` (a new array) and ``steppers[k].residual(V)`` the norm
-    alone; the list ``Vs`` is updated in place to the final matrices."""
+    alone; the list ``Vs`` is updated in place to the final matrices. ``bar`` gets
+    ``(step, objective)`` after every step."""
 
     def total(norms):
         return sum(n * n for n in norms) if squared else sum(norms)
@@ -429,8 +414,8 @@ def _descend(steppers, Vs, steps, lr, squared, tol, report_fn):
                 f"approximate_isometry diverged at step {step}: objective {F}; try a smaller lr (got {lr})"
             )
         history.append(F)
-        if report_fn is not None:
-            report_fn(step, F)
+        if bar.active:
+            bar.update(step, F, postfix=lambda: f"objective {F:.6e}")
         if F < tol:
             stopped = "tol"
             break
@@ -522,8 +507,9 @@ def approximate_isometry(
     gram : {"smaller", "row", "column"}
         Which Gram matrix; "row" is the SPP code's choice (``W^T W`` of TF's ``[n_in, n_out]``).
     progress : None, bool, text stream or callable
-        True/stream: a line every ~10% of ``steps``; a callable is called as ``progress(step, F)``
-        after every step.
+        A progress bar over the steps with the objective (:class:`refnet.progress.Progress`):
+        None: on stderr when stderr is a terminal; True: stderr; False: none; a stream: there. A
+        callable is called as ``progress(step, F)`` after every step instead.
     return_report : bool
         Also return a report dict (see :func:`format_isometry_report`).
     sparse : bool, optional
@@ -552,8 +538,7 @@ def approximate_isometry(
     FloatingPointError
         The objective became non-finite (lr too large); the input network is unchanged anyway.
     """
-    if not isinstance(net, Network):
-        raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")
+    check_net(net)
     steps = check_int(steps, "steps", min_value=0)
     lr = check_float(lr, "lr", min_value=0.0, min_inclusive=False)
     tol = check_float(tol, "tol", min_value=0.0)
@@ -566,8 +551,8 @@ def approximate_isometry(
         from . import kernels
 
         kernels.resolve_engine("isometry_step", engine=engine)  # a bad name fails before any work
-    idx = _check_layers(net, layers)
-    report_fn = _progress_fn(progress, steps)
+    idx = select_affine_layers(net, layers)
+    target = progress_target(progress, allow_callable=True)
 
     # per layer: V (the effective weight matrix, replaced every step), mask matrix, its step
     Vs, Ms, steppers = [], [], []
@@ -579,8 +564,11 @@ def approximate_isometry(
         steppers.append(_Stepper(Mm.shape, Ms[-1], gram_side(Mm.shape, gram), lr, squared, sparse, engine))
 
     t0 = time.perf_counter()
-    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite objective is raised below
-        F0, norms0, F, norms, done, stopped = _descend(steppers, Vs, steps, lr, squared, tol, report_fn)
+    with (
+        np.errstate(over="ignore", invalid="ignore"),  # a non-finite objective is raised in _descend
+        Progress(False if target is None else target, steps, desc="AI step", unit="steps", allow_callable=True) as bar,
+    ):
+        F0, norms0, F, norms, done, stopped = _descend(steppers, Vs, steps, lr, squared, tol, bar)
     elapsed = time.perf_counter() - t0
 
     new = net.copy()
@@ -654,264 +642,23 @@ def format_isometry_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ============================================================================================
-# OrthP ([DI]): QR re-orthogonalisation of structurally pruned (dense) weights
-# ============================================================================================
-
-#: Gain of the orthogonal weight per activation name ([DI]: 1 for linear, sqrt 2 for ReLU; the SPP
-#: code uses 1 for tanh). Activations not listed get 1; leaky_relu gets sqrt(2 / (1 + slope^2)).
-DEFAULT_GAINS = {
-    "identity": 1.0,
-    "tanh": 1.0,
-    "hard_tanh": 1.0,
-    "erf": 1.0,
-    "sigmoid": 1.0,
-    "softplus": 1.0,
-    "selu": 1.0,
-    "elu": 1.0,
-    "relu": math.sqrt(2.0),
-}
-
-
-def activation_gain(activation, gains: dict | None = None) -> float:
-    """The OrthP gain of an activation: ``gains`` (name -> gain) over :data:`DEFAULT_GAINS`."""
-    name = activation.name
-    if gains is not None and name in gains:
-        return float(gains[name])
-    if name == "leaky_relu":
-        slope = dict(activation.params).get("slope", 0.01)
-        return math.sqrt(2.0 / (1.0 + slope * slope))
-    return DEFAULT_GAINS.get(name, 1.0)
-
-
-def _qr_orthonormal(M: np.ndarray) -> np.ndarray:
-    """Orthonormal rows (``n_out < n_in``) or columns (else) from the QR of ``M`` itself, with the
-    ``sign(diag R)`` fix (``sign(0) := +1``): the Gram-Schmidt orthonormalisation of M's columns
-    (rows), each new vector having a positive inner product with the one it came from."""
-    n_out, n_in = M.shape
-    tall = M if n_out >= n_in else M.T  # (max, min)
-    q, r = np.linalg.qr(tall)  # q (max, min), r (min, min)
-    q = q * np.where(np.diagonal(r) < 0.0, -1.0, 1.0)  # column j times sign(R_jj)
-    return q if n_out >= n_in else q.T  # (n_out, n_in)
-
-
-def orthp(net: Network, *, gain=None) -> Network:
-    r"""OrthP ([DI]): re-orthogonalise every weight matrix of a structurally pruned network.
-
-    For each affine layer, with ``V = W`` as a ``(n_out, n_in)`` matrix (conv: ``(c_out,
-    c_in*kh*kw)``):
-
-    .. math:: V = Q R \ (\text{or } V^\top = Q R \text{ if } n_{out} < n_{in}), \quad
-              Q \leftarrow Q\,\mathrm{diag}(\mathrm{sign}\,R_{jj}), \quad W \leftarrow g\,Q
-              \ (\text{or } g\,Q^\top),
-
-    so rows are orthonormal if ``n_out < n_in``, else columns (times ``g``). This is the QR of the
-    **current** weights (re-orthogonalisation: the Gram-Schmidt factor of W, keeping each row/column
-    close in direction to the one it replaces), not a fresh random draw; note it is not the
-    Frobenius-nearest orthogonal matrix (that would be the polar factor). Biases are untouched.
-
-    Parameters
-    ----------
-    net : Network
-        Structurally pruned (e.g. by :func:`l1_neuron_prune`): every weight mask entry must be
-        True. Not changed.
-    gain : None, float, dict or list, optional
-        ``g`` per layer: None = the layer's activation gain (:data:`DEFAULT_GAINS`: 1 linear/tanh,
-        sqrt 2 ReLU); a float for every layer; a dict activation name -> gain overriding the
-        defaults; or a list with one gain per affine layer.
-
-    Raises
-    ------
-    ValueError
-        A weight mask has a False entry (unstructured pruning), or bad gains.
-    """
-    idx = affine_layers(net)
-    if not idx:
-        raise ValueError("net has no affine layers (Dense or Conv2d): nothing to orthogonalise")
-    for i in idx:
-        M = net.masks[i]["W"]
-        if not M.all():
-            raise ValueError(
-                f"orthp needs structurally pruned, dense weight matrices, but layer {i} "
-                f"({type(net.layers[i]).__name__}) has {int(M.size - M.sum())} pruned (mask False) weight "
-                "entries: the QR would fill in those zeros and revive pruned weights. Remove whole units "
-                "with l1_neuron_prune (smaller dense layers) instead of masking them"
-            )
-    gains = _resolve_gains(net, idx, gain)
-    new = net.copy()
-    for i, g in zip(idx, gains):
-        W = new.params[i]["W"]
-        Q = _qr_orthonormal(layer_matrix(W).astype(np.float64))  # (n_out, n_in)
-        W[...] = (g * Q).reshape(W.shape)
-    return new
-
-
-def _resolve_gains(net: Network, idx: list[int], gain) -> list[float]:
-    if gain is None or isinstance(gain, dict):
-        if isinstance(gain, dict):
-            for k, v in gain.items():
-                if not isinstance(k, str):
-                    raise TypeError(f"gain dict keys must be activation names, got {k!r}")
-                check_float(v, f"gain[{k!r}]", min_value=0.0, min_inclusive=False)
-        return [activation_gain(net.layers[i].activation, gain) for i in idx]
-    if isinstance(gain, (list, tuple)):
-        if len(gain) != len(idx):
-            raise ValueError(f"gain must have one entry per affine layer ({len(idx)}), got {len(gain)}")
-        return [check_float(g, f"gain[{k}]", min_value=0.0, min_inclusive=False) for k, g in enumerate(gain)]
-    g = check_float(gain, "gain", min_value=0.0, min_inclusive=False)
-    return [g] * len(idx)
-
 
 # ============================================================================================
-# Structured L1-norm neuron (filter) pruning that physically removes units
+# Names that moved to refnet.neuron_pruning
 # ============================================================================================
 
-
-def _n_keep(keep, n: int, name: str) -> int:
-    if isinstance(keep, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int or a fraction in (0, 1), got bool")
-    if isinstance(keep, numbers.Integral):
-        k = int(keep)
-        if not 1 <= k <= n:
-            raise ValueError(f"{name} must keep between 1 and {n} units, got {k}")
-        return k
-    if isinstance(keep, numbers.Real):
-        f = check_float(keep, name, min_value=0.0, max_value=1.0, min_inclusive=False, max_inclusive=False)
-        return max(1, int(math.floor(f * n + 0.5)))
-    raise TypeError(f"{name} must be an int or a fraction in (0, 1), got {type(keep).__name__}")
+_MOVED = ("DEFAULT_GAINS", "activation_gain", "orthp", "l1_neuron_prune")
 
 
-def _top_units(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest scores (ties: lower index first), sorted ascending."""
-    order = np.argsort(-scores, kind="stable")  # descending, stable: lower index first on ties
-    return np.sort(order[:k])
-
-
-def _slice_units(p: dict, m: dict, rows, in_idx, bias: bool) -> tuple[dict, dict]:
-    """Copies of a layer's params and masks keeping output units ``rows`` and inputs ``in_idx``
-    (None: all) of ``W`` (axis 0 and 1; dense or conv) and ``rows`` of ``b``."""
-    W, MW = p["W"], m["W"]
-    if rows is not None:
-        W, MW = W[rows], MW[rows]
-    if in_idx is not None:
-        W, MW = W[:, in_idx], MW[:, in_idx]
-    params, masks = {"W": W.copy()}, {"W": MW.copy()}
-    if bias:
-        params["b"] = (p["b"] if rows is None else p["b"][rows]).copy()
-        masks["b"] = (m["b"] if rows is None else m["b"][rows]).copy()
-    return params, masks
-
-
-def l1_neuron_prune(net: Network, keep, *, layers=None) -> Network:
-    r"""Structured L1-norm pruning ([DI]) that physically removes units.
-
-    For every pruned layer ``l`` the score of output unit ``i`` is the L1 norm of its incoming
-    (effective) weights, ``s_i = sum_j |(C ⊙ W^l)_{ij}|`` (Dense) or ``sum |(C ⊙ W^l)[i]|`` over the
-    whole kernel of filter ``i`` (Conv2d), computed on the network as given (every layer is scored
-    independently). The ``keep`` highest-scoring units survive (ties: lower index first), in their
-    original order. Removed: the rows of ``W^l``, ``b^l`` (and their masks) and the matching inputs
-    of the next affine layer: columns of a next Dense, input channels of a next Conv2d, and through
-    a ``Flatten`` the block of ``H*W`` columns of each removed channel (through pooling layers the
-    channel index is carried unchanged; ``GlobalAvgPool2d`` maps channel ``c`` to column ``c``).
-
-    The result computes exactly the function of the original network with the removed units'
-    outgoing weights set to zero.
-
-    Parameters
-    ----------
-    net : Network
-        Not changed.
-    keep : int, float in (0, 1), or list
-        Units kept per pruned layer: an int, a fraction (``max(1, floor(f n + 1/2))`` of the layer's
-        ``n`` units), or one of those per entry of ``layers``.
-    layers : list of int, optional
-        Indices into ``net.layers`` of the layers to prune; default every affine layer but the
-        last (the output layer cannot lose units).
-
-    Returns
-    -------
-    Network
-        A smaller network (new layer specs, same activations, biases and masks sliced).
-    """
-    aff = affine_layers(net)
-    if len(aff) < 2:
-        raise ValueError(f"l1_neuron_prune needs at least two affine layers, net has {len(aff)}")
-    if layers is None:
-        layers = aff[:-1]
-    else:
-        layers = _check_layers(net, layers)
-        if aff[-1] in layers:
-            raise ValueError(f"layers must not include the last affine layer ({aff[-1]}): its units are the outputs")
-    if isinstance(keep, (list, tuple)):
-        if len(keep) != len(layers):
-            raise ValueError(f"keep must have one entry per pruned layer ({len(layers)}), got {len(keep)}")
-        keeps = list(keep)
-    else:
-        keeps = [keep] * len(layers)
-
-    # kept output units of every layer, as an index array over its output "unit axis"
-    kept_out = {}
-    for k, (i, kp) in enumerate(zip(layers, keeps)):
-        W = net.params[i]["W"] * net.masks[i]["W"]
-        n = W.shape[0]
-        scores = np.abs(W.reshape(n, -1)).sum(axis=1)  # (n,) L1 norm per unit / filter
-        kept_out[i] = _top_units(scores, _n_keep(kp, n, f"keep[{k}]" if isinstance(keep, (list, tuple)) else "keep"))
-
-    # walk the layers: carry the kept indices of the current representation
-    new_layers, params, masks = [], [], []
-    shape = net.in_shape  # per-example shape of the ORIGINAL representation at this point
-    carried = None  # None: all features kept; else (kind, idx): kind "channel" or "feature"
-    for i, layer in enumerate(net.layers):
-        p, m = net.params[i], net.masks[i]
-        out_shape = net.shapes[i + 1]
-        if isinstance(layer, (Dense, Conv2d)):
-            dense = isinstance(layer, Dense)
-            unit = "feature" if dense else "channel"  # the kind of index its inputs and outputs carry
-            in_idx = None
-            if carried is not None:
-                kind, ids = carried
-                if kind != unit:  # Dense: (C,) after GlobalAvgPool2d, or (C, H, W) impossible here
-                    raise NotImplementedError(
-                        f"layer {i}: Dense after a channel-structured input of shape {shape}; add Flatten" if dense
-                        else f"layer {i}: Conv2d after a flat representation is not supported"
-                    )
-                in_idx = ids
-            rows = kept_out.get(i)
-            np_, nm = _slice_units(p, m, rows, in_idx, layer.bias)
-            n_out, n_in = np_["W"].shape[:2]
-            sizes = {"n_in": n_in, "n_out": n_out} if dense else {"c_in": n_in, "c_out": n_out}
-            new_layers.append(dataclasses.replace(layer, **sizes))
-            params.append(np_)
-            masks.append(nm)
-            carried = None if rows is None else (unit, rows)
-        elif isinstance(layer, (AvgPool2d, MaxPool2d)):
-            new_layers.append(layer)  # per channel: the kept channel indices pass through
-            params.append({})
-            masks.append({})
-        elif isinstance(layer, GlobalAvgPool2d):
-            new_layers.append(layer)
-            params.append({})
-            masks.append({})
-            if carried is not None:
-                carried = ("feature", carried[1])  # channel c -> feature c
-        elif isinstance(layer, Flatten):
-            new_layers.append(layer)
-            params.append({})
-            masks.append({})
-            if carried is not None and len(shape) == 3:
-                _, ids = carried
-                hw = shape[1] * shape[2]
-                cols = (ids[:, None] * hw + np.arange(hw)[None, :]).reshape(-1)  # NCHW blocks
-                carried = ("feature", cols)
-            elif carried is not None and carried[0] == "channel":
-                raise NotImplementedError(f"layer {i}: Flatten of shape {shape} after pruned channels")
-        else:
-            if carried is not None:
-                raise NotImplementedError(
-                    f"layer {i} ({type(layer).__name__}) after a pruned layer is not supported by l1_neuron_prune"
-                )
-            new_layers.append(layer)
-            params.append({k: v.copy() for k, v in p.items()})
-            masks.append({k: v.copy() for k, v in m.items()})
-        shape = out_shape
-    return Network(new_layers, in_shape=net.in_shape, dtype=net.dtype, params=params, masks=masks)
+def __getattr__(name: str):
+    """``refnet.isometry.orthp`` (and the other names of :data:`_MOVED`): the object of
+    :mod:`refnet.neuron_pruning`, with a DeprecationWarning. Looked up lazily because
+    ``neuron_pruning`` imports this module."""
+    if name in _MOVED:
+        warnings.warn(
+            f"refnet.isometry.{name} moved to refnet.neuron_pruning.{name}; the old name will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(".neuron_pruning", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

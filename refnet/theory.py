@@ -1,4 +1,4 @@
-r"""Mean-field signal propagation and random-matrix results for deep random networks.
+r"""Mean-field signal propagation in deep random networks.
 
 Pure functions, float64 throughout. The network is the one of Poole et al. (2016) and
 Schoenholz et al. (2017)::
@@ -25,8 +25,12 @@ References
 .. [W96] C. K. I. Williams, "Computing with infinite networks", Advances in Neural
    Information Processing Systems 9 (NIPS 1996), pp. 295-301 (the arcsine kernel of the
    erf network).
-.. [PZ11] K. A. Penson, K. Zyczkowski, "Product of Ginibre matrices: Fuss-Catalan and Raney
-   distributions", Phys. Rev. E 83, 061118 (2011), arXiv:1103.3453.
+
+The random-matrix results (Fuss-Catalan moments of products of Gaussian matrices, the expected
+mean squared singular value ``chi_1^L`` of a deep Jacobian) are in :mod:`refnet.random_matrix`
+and importable from here too. ``phi``, ``phi'`` and ``phi''`` are those of
+:mod:`refnet.activations` (tanh' and tanh'' excepted: see ``_sech2``); this module keeps what its
+quadrature needs to know about them.
 
 Numerical method
 ----------------
@@ -49,6 +53,7 @@ features of both factors. ReLU and linear use closed forms throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -59,6 +64,9 @@ from numpy.polynomial.legendre import leggauss
 from scipy import optimize, special
 
 from ._checks import check_choice, check_float, check_int
+from .activations import get_activation
+# The random-matrix results live in refnet.random_matrix; refnet.theory.<name> keeps working.
+from .random_matrix import expected_msv, fuss_catalan_mellin, fuss_catalan_moments, mean_singular_value_gaussian_product
 
 __all__ = [
     "ACTIVATIONS",
@@ -93,10 +101,16 @@ _CRITICAL_ATOL = 16 * _EPS
 
 
 # ---------------------------------------------------------------------------------------------
-# The activation table: phi, phi', phi'' and what the quadrature needs to know about them.
+# The activation table: phi, phi', phi'' come from refnet.activations; what is kept here is what
+# the quadrature needs to know about them (feature points, kinks, bounds, closed-form smoothings).
 # ---------------------------------------------------------------------------------------------
 
 
+# The one exception: tanh' and tanh'' as sech^2 and -2 tanh sech^2. refnet.activations computes
+# 1 - tanh^2 (from the forward value, as PyTorch's backward does, which every tanh gradient of the
+# engine depends on); the two differ in the last bit, which would change chi_1, chi_c, xi_c and
+# chi_q of tanh by an ulp. Both are equally accurate here (1e-15 against adaptive quadrature up to
+# q = 1e4), so the engine keeps its form and this module keeps its results.
 def _sech2(u):
     with np.errstate(over="ignore"):
         return 1.0 / np.cosh(u) ** 2
@@ -104,26 +118,6 @@ def _sech2(u):
 
 def _tanh_dd(u):
     return -2.0 * np.tanh(u) * _sech2(u)
-
-
-def _erf_d(u):
-    return (2.0 / math.sqrt(math.pi)) * np.exp(-u * u)
-
-
-def _erf_dd(u):
-    return -2.0 * u * _erf_d(u)
-
-
-def _ht_phi(u):
-    return np.clip(u, -1.0, 1.0)
-
-
-def _ht_d(u):
-    return (np.abs(u) < 1.0).astype(np.float64)
-
-
-def _ht_dd(u):  # pragma: no cover - a distribution; closed forms are used instead
-    raise NotImplementedError("hard_tanh'' is a sum of Dirac deltas; closed forms are used")
 
 
 def _erf_smooth(m, s):
@@ -163,7 +157,7 @@ class _Activation:
     name: str
     phi: Callable
     dphi: Callable
-    ddphi: Callable
+    ddphi: Callable  # a.e.: hard_tanh'' and relu'' are 0 here; their Dirac parts enter in closed form
     features: np.ndarray  # points u where phi changes character (panel breakpoints)
     kinks: np.ndarray  # points u where phi' jumps (hard_tanh, relu)
     sup_phi2: float  # sup phi(u)^2 (inf when unbounded)
@@ -172,28 +166,19 @@ class _Activation:
     dsmooth: Callable | None  # (m, s) -> E[phi'(m + s z)] in closed form, or None
 
 
+def _entry(name, features, kinks, sup_phi2, sup_dphi2, smooth=None, dsmooth=None, *, dphi=None, ddphi=None):
+    """A table row: phi, phi', phi'' of :func:`refnet.activations.get_activation` (unless given)."""
+    act = get_activation(name)
+    return _Activation(name, act.phi, dphi or act.dphi, ddphi or act.d2phi, np.asarray(features, dtype=np.float64),
+                       np.asarray(kinks, dtype=np.float64), sup_phi2, sup_dphi2, smooth, dsmooth)
+
+
 _TABLE = {
-    "tanh": _Activation(
-        "tanh", np.tanh, _sech2, _tanh_dd, np.arange(-20.0, 21.0, 2.0), np.empty(0),
-        1.0, 1.0, None, None,
-    ),
-    "erf": _Activation(
-        "erf", special.erf, _erf_d, _erf_dd, np.arange(-6.0, 7.0, 1.0), np.empty(0),
-        1.0, 4.0 / math.pi, _erf_smooth, _erf_d_smooth,
-    ),
-    "hard_tanh": _Activation(
-        "hard_tanh", _ht_phi, _ht_d, _ht_dd, np.array([-1.0, 1.0]), np.array([-1.0, 1.0]),
-        1.0, 1.0, _ht_smooth, _ht_d_smooth,
-    ),
-    "relu": _Activation(
-        "relu", lambda u: np.maximum(u, 0.0), lambda u: (u > 0).astype(np.float64),
-        lambda u: np.zeros_like(u), np.array([0.0]), np.array([0.0]), math.inf, 1.0,
-        None, None,
-    ),
-    "linear": _Activation(
-        "linear", lambda u: np.asarray(u, dtype=np.float64), lambda u: np.ones_like(u),
-        lambda u: np.zeros_like(u), np.empty(0), np.empty(0), math.inf, 1.0, None, None,
-    ),
+    "tanh": _entry("tanh", np.arange(-20.0, 21.0, 2.0), [], 1.0, 1.0, dphi=_sech2, ddphi=_tanh_dd),
+    "erf": _entry("erf", np.arange(-6.0, 7.0, 1.0), [], 1.0, 4.0 / math.pi, _erf_smooth, _erf_d_smooth),
+    "hard_tanh": _entry("hard_tanh", [-1.0, 1.0], [-1.0, 1.0], 1.0, 1.0, _ht_smooth, _ht_d_smooth),
+    "relu": _entry("relu", [0.0], [0.0], math.inf, 1.0),
+    "linear": dataclasses.replace(_entry("identity", [], [], math.inf, 1.0), name="linear"),
 }
 _HOMOGENEOUS = ("relu", "linear")  # phi(a u) = a phi(u) for a > 0
 
@@ -953,121 +938,3 @@ def critical_sigma_w2(sigma_b2, activation, *, n_quad=_DEFAULT_N_QUAD):
         raise ValueError(f"critical_sigma_w2: no critical point found for {act.name}")
     return optimize.brentq(g, lo, hi, xtol=1e-15, rtol=4 * _EPS, maxiter=500)
 
-
-# ---------------------------------------------------------------------------------------------
-# Random-matrix results
-# ---------------------------------------------------------------------------------------------
-
-
-def fuss_catalan_moments(K, n_moments):
-    r"""Moments of the squared singular values of a product of ``K`` Gaussian matrices.
-
-    For ``M = W_K ... W_1`` with ``W_i`` independent ``N x N`` matrices of iid ``N(0, 1/N)``
-    entries, as ``N -> inf``,
-
-    .. math:: m_k = \lim_{N\to\infty} E\,\tfrac1N \operatorname{tr} (M M^T)^k
-              = \mathrm{FC}_K(k) = \frac{1}{K k + 1}\binom{(K+1)k}{k},
-
-    the Fuss-Catalan numbers ``FC_s(k)`` of [PZ11] (their order ``s``, the number of Ginibre
-    factors, is our ``K``).
-    ``K = 1`` gives the Catalan numbers 1, 2, 5, 14, 42 (Marchenko-Pastur), ``K = 0`` the
-    identity (all moments 1).
-
-    Parameters
-    ----------
-    K : int
-        Number of factors, ``>= 0``.
-    n_moments : int
-        Number of moments, ``>= 1``.
-
-    Returns
-    -------
-    ndarray, shape (n_moments,)
-        ``[m_1, ..., m_{n_moments}]`` as float64 (each computed exactly in integers, then
-        rounded once; exact while below 2**53).
-    """
-    K = check_int(K, "K", min_value=0)
-    n_moments = check_int(n_moments, "n_moments", min_value=1)
-    vals = [math.comb((K + 1) * k, k) // (K * k + 1) for k in range(1, n_moments + 1)]
-    return np.array([float(v) for v in vals], dtype=np.float64)
-
-
-def fuss_catalan_mellin(K, s):
-    r"""Real moments ``E[x^s]`` of the Fuss-Catalan distribution of order ``K``.
-
-    .. math:: E[x^s] = \int x^s P_K(x)\, dx
-              = \frac{\Gamma((K+1)s + 1)}{\Gamma(s + 1)\,\Gamma(K s + 2)}
-
-    the Mellin transform of the Fuss-Catalan density ``P_K`` ([PZ11], which works through
-    the Mellin transform and the Meijer G-function to write ``P_K`` as a combination of
-    ``K`` hypergeometric functions ``{}_K F_{K-1}``). At integer ``s = k`` it is
-    ``FC_K(k)``; at ``s = 1/2`` the mean singular value of the product of ``K`` Gaussian
-    matrices. The density behaves like ``x^{-K/(K+1)}`` near 0, so ``s > -1/(K+1)`` is required.
-
-    Parameters
-    ----------
-    K : int
-        Order, ``>= 0``.
-    s : float
-        Real exponent, ``> -1/(K+1)``.
-
-    Returns
-    -------
-    float
-    """
-    K = check_int(K, "K", min_value=0)
-    s = check_float(s, "s", min_value=-1.0 / (K + 1), min_inclusive=False)
-    log_m = (
-        special.gammaln((K + 1) * s + 1.0)
-        - special.gammaln(s + 1.0)
-        - special.gammaln(K * s + 2.0)
-    )
-    return float(np.exp(log_m))
-
-
-def mean_singular_value_gaussian_product(K):
-    r"""Mean singular value of a product of ``K`` Gaussian ``N(0, 1/N)`` matrices, ``N -> inf``.
-
-    .. math:: E[\sigma] = E_{x \sim P_K}[x^{1/2}]
-              = \frac{\Gamma((K+1)/2 + 1)}{\Gamma(3/2)\,\Gamma(K/2 + 2)}
-
-    (the Mellin transform of [PZ11] at ``s = 1/2``, see :func:`fuss_catalan_mellin`).
-    ``K = 1`` gives the quarter-circle law's ``8 / (3 pi)``.
-
-    Parameters
-    ----------
-    K : int
-        Number of factors, ``>= 0``.
-
-    Returns
-    -------
-    float
-    """
-    K = check_int(K, "K", min_value=0)
-    return fuss_catalan_mellin(K, 0.5)
-
-
-def expected_msv(chi, L):
-    r"""Expected mean squared singular value of a depth-``L`` input-output Jacobian.
-
-    .. math:: E\,\tfrac1N \operatorname{tr}(J J^T) = \chi_1^L,\qquad
-              J = \prod_{l=1}^{L} D^l W^l
-
-    (``J`` as in [PSG17] eq. (2), with ``chi`` of its eq. (5) the per-layer factor: the first
-    moment of the spectrum of ``J J^T`` at ``q*`` is ``chi^L``, and criticality,
-    ``chi = 1``, keeps it at 1 at every depth.) Pass ``chi = chi_1(...)``.
-
-    Parameters
-    ----------
-    chi : float
-        Per-layer mean squared singular value, ``>= 0``.
-    L : int
-        Depth, ``>= 0``.
-
-    Returns
-    -------
-    float
-    """
-    chi = check_float(chi, "chi", min_value=0.0)
-    L = check_int(L, "L", min_value=0)
-    return chi**L

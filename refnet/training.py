@@ -24,22 +24,23 @@ seed gives bitwise identical parameters on every run.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ._io import atomic_write_json
-
 from ._checks import as_rng, check_array, check_float, check_int, check_labels
+from ._io import atomic_write_json
 from .losses import get_loss
-from .network import Network
+from .network import Network, check_net
+from .progress import Progress, progress_target
 
 __all__ = ["History", "train", "load_history"]
 
@@ -184,73 +185,7 @@ def load_history(path) -> History:
 
 
 # ============================================================================================
-# Progress line
-# ============================================================================================
-
-
-class _Progress:
-    """One self-overwriting status line, redrawn at most every ``interval`` seconds."""
-
-    def __init__(self, stream, total: int, interval: float = 0.1):
-        self.stream, self.total, self.interval = stream, total, interval
-        self.t0 = time.perf_counter()
-        self.last = -math.inf
-        self.width = 0
-
-    def update(self, step: int, loss: float, test_acc, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < self.interval:
-            return
-        self.last = now
-        dt = now - self.t0
-        rate = step / dt if dt > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else 0.0
-        acc = "  -   " if test_acc is None else f"{test_acc:.4f}"
-        line = (
-            f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  test acc {acc}  "
-            f"{rate:,.0f} steps/s  eta {eta:,.0f}s"
-        )
-        pad = max(0, self.width - len(line))
-        self.width = len(line)
-        self.stream.write("\r" + line + " " * pad)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _progress_stream(progress):
-    if progress is None:
-        isatty = getattr(sys.stderr, "isatty", None)
-        return sys.stderr if isatty is not None and isatty() else None
-    if progress is True:
-        return sys.stderr
-    if progress is False:
-        return None
-    if hasattr(progress, "write"):
-        return progress
-    raise TypeError(f"progress must be None, True, False or a text stream, got {type(progress).__name__}")
-
-
-def _progress_target(progress):
-    """Where the reports of a ``progress`` argument that also takes a callable go (the loops of
-    :func:`refnet.isometry.approximate_isometry` and :func:`refnet.lottery.imp`): None (None or
-    False: no reports), the callable itself (one without a ``write``), or a text stream (True:
-    stderr); the caller formats the lines for a stream."""
-    if progress is None or progress is False:
-        return None
-    if callable(progress) and not hasattr(progress, "write"):
-        return progress
-    stream = sys.stderr if progress is True else progress
-    if not hasattr(stream, "write"):
-        raise TypeError(f"progress must be None, a bool, a text stream or a callable, got {type(progress).__name__}")
-    return stream
-
-
-# ============================================================================================
-# Argument checks
+# Progress (refnet.progress) and the argument checks
 # ============================================================================================
 
 
@@ -305,11 +240,6 @@ def _evaluate(net: Network, X, y, loss_fn, step: int, what: str, batch_size: int
     return total / len(X), correct / len(X)
 
 
-# ============================================================================================
-# train
-# ============================================================================================
-
-
 def _check_lr(lr, steps: int) -> list:
     """``lr`` as schedule phases ``[(first_step, lr), ...]`` (one phase for a constant)."""
     if isinstance(lr, (list, tuple)):
@@ -330,6 +260,251 @@ def _check_lr(lr, steps: int) -> list:
             raise ValueError(f"lr: the first phase must start at step 1, got {phases[0][0]}")
         return phases
     return [(1, check_float(lr, "lr", min_value=0.0, min_inclusive=False))]
+
+
+@dataclass
+class _TrainSetup:
+    """The checked arguments of :func:`train` (see there), with the data as arrays, the schedule as
+    phases ``[(first_step, lr), ...]`` and the resolved progress stream (None: no bar)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    steps: int
+    phases: list
+    batch_size: int
+    momentum: float
+    weight_decay: float
+    loss_fn: Callable
+    X_test: np.ndarray | None
+    y_test: np.ndarray | None
+    eval_every: int
+    stream: object
+    callback: Callable | None
+    history_path: object
+    train_eval_size: int
+    rng: np.random.Generator
+    history: History
+
+    @functools.cached_property
+    def starts(self) -> list:
+        return [s0 for s0, _ in self.phases]
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (1-based): the rate of the last phase started by then."""
+        return self.phases[bisect.bisect_right(self.starts, step) - 1][1]
+
+
+def _check_train_args(net, X, y, *, steps, lr, batch_size, momentum, weight_decay, loss, seed, X_test, y_test,
+                      eval_every, progress, callback, history_path, train_eval_size, meta) -> _TrainSetup:
+    """Every check of :func:`train`'s arguments, in one place, before anything runs: a bad argument
+    is a TypeError or ValueError naming it and the network is not touched. Returns them checked,
+    with the empty :class:`History` of the run."""
+    check_net(net)
+    if len(net.out_shape) != 1:
+        raise ValueError(f"net must output (B, n_classes) logits for training, got per-example shape {net.out_shape}")
+    X, y = _check_targets(net, X, y, "X", "y")
+    n = X.shape[0]
+    steps = check_int(steps, "steps", min_value=1)
+    phases = _check_lr(lr, steps)  # [(first_step, lr), ...]
+    batch_size = check_int(batch_size, "batch_size", min_value=1)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be <= the number of training examples ({n}), got {batch_size}")
+    momentum = check_float(momentum, "momentum", min_value=0.0, max_value=1.0, max_inclusive=False)
+    weight_decay = check_float(weight_decay, "weight_decay", min_value=0.0)
+    loss_fn = get_loss(loss)
+    if (X_test is None) != (y_test is None):
+        raise ValueError("X_test and y_test must be given together (or neither)")
+    if X_test is not None:
+        X_test, y_test = _check_targets(net, X_test, y_test, "X_test", "y_test")
+    if eval_every is None:
+        eval_every = max(1, steps // DEFAULT_N_EVALS)
+    else:
+        eval_every = check_int(eval_every, "eval_every", min_value=1)
+    stream = progress_target(progress)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if history_path is not None and not isinstance(history_path, (str, os.PathLike)):
+        raise TypeError(f"history_path must be a str or os.PathLike, got {type(history_path).__name__}")
+    train_eval_size = check_int(train_eval_size, "train_eval_size", min_value=0)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"meta must be JSON-able: {exc}") from None
+    seed_value = None if isinstance(seed, np.random.Generator) else seed
+    rng = as_rng(seed)
+    for i, (p, m) in enumerate(zip(net.params, net.masks)):
+        for k, a in p.items():
+            if not np.all(np.isfinite(a[m[k]])):
+                raise ValueError(f"net.params[{i}][{k!r}] must be finite at kept entries before training")
+    history = History(
+        n_steps=steps,
+        lr=phases[0][1],
+        lr_schedule=[[s0, r] for s0, r in phases] if len(phases) > 1 else None,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        loss=_loss_name(loss),
+        seed=int(seed_value) if seed_value is not None else None,
+        n_train=n,
+        n_test=0 if X_test is None else int(X_test.shape[0]),
+        eval_every=eval_every,
+        meta=dict(meta),
+    )
+    return _TrainSetup(X, y, steps, phases, batch_size, momentum, weight_decay, loss_fn, X_test, y_test, eval_every,
+                       stream, callback, history_path, train_eval_size, rng, history)
+
+
+# ============================================================================================
+# The pieces of the loop: batches, one SGD step, the record
+# ============================================================================================
+
+
+def _batches(rng: np.random.Generator, n: int, batch_size: int):
+    """Row indices of the successive batches: epochs of ``rng.permutation(n)`` (drawn when the
+    epoch's first batch is asked for), each cut into ``n // batch_size`` full batches."""
+    per_epoch = n // batch_size
+    while True:
+        order = rng.permutation(n)
+        for j in range(per_epoch):
+            yield order[j * batch_size : (j + 1) * batch_size]  # (batch_size,)
+
+
+class _SGD:
+    """Heavy-ball SGD on ``net.params`` in place: ``v <- mu v + g``, ``W <- W - eta v``.
+
+    Parameters pruned somewhere have their gradient multiplied by the mask (belt and braces; the
+    network already returns exactly-zero gradients there). A step computes every update first and
+    applies them only if all are finite, so a diverging step leaves the parameters as they were.
+    """
+
+    def __init__(self, net: Network, momentum: float, weight_decay: float, loss_fn: Callable):
+        self.net, self.momentum, self.weight_decay, self.loss_fn = net, momentum, weight_decay, loss_fn
+        params, masks = net.params, net.masks
+        self.keys = [[k for k in p] for p in params]
+        self.partial = [{k: (None if masks[l][k].all() else masks[l][k]) for k in self.keys[l]}
+                        for l in range(len(params))]
+        self.velocity = ([{k: np.zeros_like(params[l][k]) for k in self.keys[l]} for l in range(len(params))]
+                         if momentum else None)
+
+    def step(self, step: int, xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
+        """One step on the batch ``(xb, yb)`` with learning rate ``lr``; returns its objective
+        (mean loss + weight decay). FloatingPointError (naming ``step``) on a non-finite loss,
+        network output or update."""
+        net, params, velocity = self.net, self.net.params, self.velocity
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                value, grads = net.loss_and_grads(xb, yb, loss=self.loss_fn, weight_decay=self.weight_decay)
+            except ValueError as exc:
+                # the inputs were validated, so a failure here is non-finite activations
+                # (the loss refuses non-finite logits); anything else is re-raised as is
+                if np.isfinite(net.forward(xb)).all():
+                    raise
+                raise FloatingPointError(
+                    f"training diverged at step {step}: the network output is not finite ({exc}); "
+                    "try a smaller lr"
+                ) from exc
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged at step {step}: loss is {value}; try a smaller lr")
+        updates = []
+        for l, (p, g) in enumerate(zip(params, grads)):
+            for k in self.keys[l]:
+                gk = g[k]
+                if self.partial[l][k] is not None:
+                    gk = np.where(self.partial[l][k], gk, 0.0)
+                if velocity is not None:
+                    v = self.momentum * velocity[l][k] + gk  # v = mu v + g
+                else:
+                    v = gk
+                with np.errstate(over="ignore", invalid="ignore"):
+                    new = p[k] - lr * v  # W - eta v
+                if not np.isfinite(new).all():
+                    raise FloatingPointError(
+                        f"training diverged at step {step}: non-finite update of params[{l}][{k!r}] "
+                        f"(loss {value:.6g}); try a smaller lr"
+                    )
+                updates.append((l, k, v, new))
+        for l, k, v, new in updates:
+            params[l][k][...] = new
+            if velocity is not None:
+                velocity[l][k] = v
+        return value
+
+
+class _Recorder:
+    """The :class:`History` of a run as it goes: the mean training objective since the last
+    evaluation, the evaluations, and the history file written after each of them."""
+
+    def __init__(self, net: Network, s: _TrainSetup):
+        self.net, self.s, self.hist = net, s, s.history
+        n = s.X.shape[0]
+        self.X_tr_eval = s.X[: min(n, s.train_eval_size)]
+        self.y_tr_eval = s.y[: min(n, s.train_eval_size)]
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.last_acc = None
+        self.t0 = time.perf_counter()
+
+    def add(self, value: float) -> None:
+        self.loss_sum += value
+        self.loss_count += 1
+
+    def postfix(self) -> str:
+        """The bar's text: the mean objective since the last evaluation (or at it), the last test
+        accuracy."""
+        loss = self.loss_sum / self.loss_count if self.loss_count else self.hist.train_loss[-1]
+        return f"loss {loss:.4f}" + ("" if self.last_acc is None else f", test acc {self.last_acc:.4f}")
+
+    def save(self) -> None:
+        self.hist.wall_time = time.perf_counter() - self.t0
+        if self.s.history_path is not None:
+            self.hist.save_json(self.s.history_path)
+
+    def evaluate(self, step: int) -> None:
+        s, hist = self.s, self.hist
+        # compute everything first, so that a failure leaves the lists consistent
+        tl = ta = tra = None
+        if s.X_test is not None:
+            tl, ta = _evaluate(self.net, s.X_test, s.y_test, s.loss_fn, step, "test set")
+            self.last_acc = ta
+        if len(self.X_tr_eval):
+            tra = _evaluate(self.net, self.X_tr_eval, self.y_tr_eval, s.loss_fn, step, "training rows")[1]
+        hist.steps.append(step)
+        hist.train_loss.append(self.loss_sum / self.loss_count)
+        hist.test_loss.append(tl)
+        hist.test_acc.append(ta)
+        hist.train_acc.append(tra)
+        hist.elapsed.append(time.perf_counter() - self.t0)
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.save()
+
+    @contextlib.contextmanager
+    def ending(self):
+        """Record how the run ends: an exception sets ``status`` ("diverged", "interrupted" or
+        "failed") and ``error``, writes the history and propagates."""
+        hist = self.hist
+        try:
+            yield
+        except FloatingPointError as exc:
+            hist.status, hist.error = "diverged", str(exc)
+            self.save()
+            raise
+        except KeyboardInterrupt:
+            hist.status, hist.error = "interrupted", "KeyboardInterrupt"
+            self.save()
+            raise
+        except Exception as exc:
+            hist.status, hist.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.save()
+            raise
+        self.save()
+
+
+# ============================================================================================
+# train
+# ============================================================================================
 
 
 def train(
@@ -392,8 +567,10 @@ def train(
         Steps between evaluations; the last step is always evaluated. Default: about 20
         evaluations over the run (``max(1, steps // 20)``).
     progress : None, bool or text stream
-        A progress line (step, loss, test accuracy, rate), redrawn at most 10 times a second.
-        None: on stderr only if stderr is a terminal; True: stderr; False: none; a stream: there.
+        A progress bar over the steps (:class:`refnet.progress.Progress`: the mean objective
+        since the last evaluation, the last test accuracy, the rate), redrawn at most 10 times a
+        second. None: on stderr only if stderr is a terminal; True: stderr; False: none; a
+        stream: there.
     callback : callable, optional
         Called after every evaluation as ``callback(history, net)``; if it returns True training
         stops (``history.status == "stopped"``).
@@ -421,176 +598,25 @@ def train(
         the network's output on the evaluation data is not (the network keeps them). The history
         file, if any, is written with ``status="diverged"``.
     """
-    # ---------------------------------------------------------------- validate everything first
-    if not isinstance(net, Network):
-        raise TypeError(f"net must be a refnet Network, got {type(net).__name__}")
-    if len(net.out_shape) != 1:
-        raise ValueError(f"net must output (B, n_classes) logits for training, got per-example shape {net.out_shape}")
-    X, y = _check_targets(net, X, y, "X", "y")
-    n = X.shape[0]
-    steps = check_int(steps, "steps", min_value=1)
-    phases = _check_lr(lr, steps)  # [(first_step, lr), ...]
-    batch_size = check_int(batch_size, "batch_size", min_value=1)
-    if batch_size > n:
-        raise ValueError(f"batch_size must be <= the number of training examples ({n}), got {batch_size}")
-    momentum = check_float(momentum, "momentum", min_value=0.0, max_value=1.0, max_inclusive=False)
-    weight_decay = check_float(weight_decay, "weight_decay", min_value=0.0)
-    loss_fn = get_loss(loss)
-    if (X_test is None) != (y_test is None):
-        raise ValueError("X_test and y_test must be given together (or neither)")
-    if X_test is not None:
-        X_test, y_test = _check_targets(net, X_test, y_test, "X_test", "y_test")
-    if eval_every is None:
-        eval_every = max(1, steps // DEFAULT_N_EVALS)
-    else:
-        eval_every = check_int(eval_every, "eval_every", min_value=1)
-    stream = _progress_stream(progress)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-    if history_path is not None and not isinstance(history_path, (str, os.PathLike)):
-        raise TypeError(f"history_path must be a str or os.PathLike, got {type(history_path).__name__}")
-    train_eval_size = check_int(train_eval_size, "train_eval_size", min_value=0)
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict):
-        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-    try:
-        json.dumps(meta, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"meta must be JSON-able: {exc}") from None
-    seed_value = None if isinstance(seed, np.random.Generator) else seed
-    rng = as_rng(seed)
-    for i, (p, m) in enumerate(zip(net.params, net.masks)):
-        for k, a in p.items():
-            if not np.all(np.isfinite(a[m[k]])):
-                raise ValueError(f"net.params[{i}][{k!r}] must be finite at kept entries before training")
-
-    hist = History(
-        n_steps=steps,
-        lr=phases[0][1],
-        lr_schedule=[[s0, r] for s0, r in phases] if len(phases) > 1 else None,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        loss=_loss_name(loss),
-        seed=int(seed_value) if seed_value is not None else None,
-        n_train=n,
-        n_test=0 if X_test is None else int(X_test.shape[0]),
-        eval_every=eval_every,
-        meta=dict(meta),
-    )
-    X_tr_eval = X[: min(n, train_eval_size)]
-    y_tr_eval = y[: min(n, train_eval_size)]
-
-    # ---------------------------------------------------------------- state
-    # Which parameters are pruned somewhere: their update is multiplied by the mask (belt and
-    # braces; the network already returns exactly-zero gradients there).
-    params, masks = net.params, net.masks
-    keys = [[k for k in p] for p in params]
-    partial = [{k: (None if masks[l][k].all() else masks[l][k]) for k in keys[l]} for l in range(len(params))]
-    velocity = [{k: np.zeros_like(params[l][k]) for k in keys[l]} for l in range(len(params))] if momentum else None
-    bar = _Progress(stream, steps) if stream is not None else None
-    t0 = time.perf_counter()
-    per_epoch = n // batch_size
-    order = None
-    loss_sum, loss_count = 0.0, 0
-    last_acc = None
-
-    def save():
-        hist.wall_time = time.perf_counter() - t0
-        if history_path is not None:
-            hist.save_json(history_path)
-
-    def evaluate(step: int) -> None:
-        nonlocal loss_sum, loss_count, last_acc
-        # compute everything first, so that a failure leaves the lists consistent
-        tl = ta = tra = None
-        if X_test is not None:
-            tl, ta = _evaluate(net, X_test, y_test, loss_fn, step, "test set")
-            last_acc = ta
-        if len(X_tr_eval):
-            tra = _evaluate(net, X_tr_eval, y_tr_eval, loss_fn, step, "training rows")[1]
-        hist.steps.append(step)
-        hist.train_loss.append(loss_sum / loss_count)
-        hist.test_loss.append(tl)
-        hist.test_acc.append(ta)
-        hist.train_acc.append(tra)
-        hist.elapsed.append(time.perf_counter() - t0)
-        loss_sum, loss_count = 0.0, 0
-        save()
-
-    starts = [s0 for s0, _ in phases]
-    try:
-        for step in range(1, steps + 1):
-            lr = phases[bisect.bisect_right(starts, step) - 1][1]  # this step's phase
-            j = (step - 1) % per_epoch
-            if j == 0:
-                order = rng.permutation(n)
-            idx = order[j * batch_size : (j + 1) * batch_size]
-            xb, yb = X[idx], y[idx]  # (batch_size, *in_shape), (batch_size,)
-            with np.errstate(over="ignore", invalid="ignore"):
-                try:
-                    value, grads = net.loss_and_grads(xb, yb, loss=loss_fn, weight_decay=weight_decay)
-                except ValueError as exc:
-                    # the inputs were validated, so a failure here is non-finite activations
-                    # (the loss refuses non-finite logits); anything else is re-raised as is
-                    if np.isfinite(net.forward(xb)).all():
-                        raise
-                    raise FloatingPointError(
-                        f"training diverged at step {step}: the network output is not finite ({exc}); "
-                        "try a smaller lr"
-                    ) from exc
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training diverged at step {step}: loss is {value}; try a smaller lr")
-            # compute every update first, apply only if all are finite
-            updates = []
-            for l, (p, g) in enumerate(zip(params, grads)):
-                for k in keys[l]:
-                    gk = g[k]
-                    if partial[l][k] is not None:
-                        gk = np.where(partial[l][k], gk, 0.0)
-                    if velocity is not None:
-                        v = momentum * velocity[l][k] + gk  # v = mu v + g
-                    else:
-                        v = gk
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        new = p[k] - lr * v  # W - eta v
-                    if not np.isfinite(new).all():
-                        raise FloatingPointError(
-                            f"training diverged at step {step}: non-finite update of params[{l}][{k!r}] "
-                            f"(loss {value:.6g}); try a smaller lr"
-                        )
-                    updates.append((l, k, v, new))
-            for l, k, v, new in updates:
-                params[l][k][...] = new
-                if velocity is not None:
-                    velocity[l][k] = v
-            loss_sum += value
-            loss_count += 1
-            if step % eval_every == 0 or step == steps:
-                evaluate(step)
-                if callback is not None and callback(hist, net) is True:
-                    hist.status = "stopped"
-                    break
-            if bar is not None:
-                bar.update(step, loss_sum / loss_count if loss_count else hist.train_loss[-1], last_acc,
-                           force=step == steps)
-        else:
-            hist.status = "completed"
-    except FloatingPointError as exc:
-        hist.status, hist.error = "diverged", str(exc)
-        save()
-        raise
-    except KeyboardInterrupt:
-        hist.status, hist.error = "interrupted", "KeyboardInterrupt"
-        save()
-        raise
-    except Exception as exc:
-        hist.status, hist.error = "failed", f"{type(exc).__name__}: {exc}"
-        save()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    save()
+    s = _check_train_args(net, X, y, steps=steps, lr=lr, batch_size=batch_size, momentum=momentum,
+                          weight_decay=weight_decay, loss=loss, seed=seed, X_test=X_test, y_test=y_test,
+                          eval_every=eval_every, progress=progress, callback=callback, history_path=history_path,
+                          train_eval_size=train_eval_size, meta=meta)
+    hist = s.history
+    sgd = _SGD(net, s.momentum, s.weight_decay, s.loss_fn)
+    batches = _batches(s.rng, s.X.shape[0], s.batch_size)
+    with Progress(False if s.stream is None else s.stream, s.steps, desc="step", unit="steps") as bar:
+        rec = _Recorder(net, s)
+        with rec.ending():
+            for step in range(1, s.steps + 1):
+                idx = next(batches)  # (batch_size,) rows of this step
+                rec.add(sgd.step(step, s.X[idx], s.y[idx], s.lr_at(step)))
+                if step % s.eval_every == 0 or step == s.steps:
+                    rec.evaluate(step)
+                    if s.callback is not None and s.callback(hist, net) is True:
+                        hist.status = "stopped"
+                        break
+                bar.update(postfix=rec.postfix)
+            else:
+                hist.status = "completed"
     return hist

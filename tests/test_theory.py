@@ -516,3 +516,49 @@ BAD_CALLS = [
 def test_bad_arguments_raise(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------
+# phi, phi', phi'' come from refnet.activations (tanh' and tanh'' excepted, see the module)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_activation_table_takes_the_engine_functions_with_the_previous_closed_forms():
+    # The functions the quadrature integrates, to the last bit, as theory wrote them before it took
+    # them from refnet.activations (the snapshot of chi_1, q*, chi_c, xi_c, chi_q and the
+    # correlation map before and after the change agrees bit for bit). Planted bugs seen failing:
+    # erf'' as -2 u (2/sqrt(pi)) exp(-u^2) (another association), tanh' as 1 - tanh^2.
+    from refnet.activations import Activation, get_activation
+
+    u = np.concatenate([np.linspace(-12.0, 12.0, 4801), [-1.0, 0.0, 1.0]])
+    c = 2.0 / math.sqrt(math.pi)
+    with np.errstate(over="ignore"):
+        sech2 = 1.0 / np.cosh(u) ** 2
+    previous = {
+        "tanh": (np.tanh(u), sech2, -2.0 * np.tanh(u) * sech2),
+        "erf": (special.erf(u), c * np.exp(-u * u), -2.0 * u * (c * np.exp(-u * u))),
+        "hard_tanh": (np.clip(u, -1.0, 1.0), (np.abs(u) < 1.0).astype(np.float64), None),
+        "relu": (np.maximum(u, 0.0), (u > 0).astype(np.float64), np.zeros_like(u)),
+        "linear": (u, np.ones_like(u), np.zeros_like(u)),
+    }
+    for name, (phi, dphi, ddphi) in previous.items():
+        row = T._TABLE[name]
+        assert row.name == name
+        assert np.array_equal(row.phi(u), phi) and np.array_equal(row.dphi(u), dphi), name
+        if ddphi is not None:  # hard_tanh'' enters only through its closed forms
+            assert np.array_equal(row.ddphi(u), ddphi), name
+    def engine(f, name, method):  # f is the engine's method of the activation itself, not a copy
+        act = get_activation("identity" if name == "linear" else name)
+        return getattr(f, "__func__", None) is getattr(Activation, method) and f.__self__ == act
+
+    for name in ("erf", "hard_tanh", "relu", "linear"):
+        row = T._TABLE[name]
+        assert engine(row.phi, name, "phi") and engine(row.dphi, name, "dphi") and engine(row.ddphi, name, "d2phi")
+    assert engine(T._TABLE["tanh"].phi, "tanh", "phi")
+
+
+def test_random_matrix_results_still_under_theory():
+    from refnet import random_matrix
+
+    for name in ("fuss_catalan_moments", "fuss_catalan_mellin", "mean_singular_value_gaussian_product", "expected_msv"):
+        assert getattr(T, name) is getattr(random_matrix, name) and name in T.__all__

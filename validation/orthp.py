@@ -12,10 +12,10 @@ Neural Network Pruning"). The pipeline, per replicate ``r`` (seeds from ``--seed
    Other data sets are padded the same way (2 pixels each side) and flattened.
 2. **Pretraining** (settings are ours: [DI] starts from a trained checkpoint whose recipe is not
    in PAPER.md): SGD, momentum 0.9, weight decay 1e-4, batch 100, lr 0.01 constant.
-3. **L1-norm neuron pruning** (:func:`refnet.isometry.l1_neuron_prune`): keep the 20 units of
+3. **L1-norm neuron pruning** (:func:`refnet.neuron_pruning.l1_neuron_prune`): keep the 20 units of
    largest incoming-weight L1 norm in each of layers 1-6; the units are removed, giving the dense
    ``1024-20-20-20-20-20-20-10`` network.
-4. **OrthP** (:func:`refnet.isometry.orthp`, gain 1 for linear): every weight matrix replaced by the
+4. **OrthP** (:func:`refnet.neuron_pruning.orthp`, gain 1 for linear): every weight matrix replaced by the
    orthonormal factor of its QR with the sign fix (rows for ``n_out < n_in``, else columns);
    biases untouched. For this network that makes ``W^1`` (20 x 1024) and ``W^7`` (10 x 20) have
    orthonormal rows and ``W^2..W^6`` (20 x 20) orthogonal, so the input-output Jacobian of the
@@ -120,7 +120,7 @@ class _Pipeline:
     def nets(self):
         if self._nets is None:
             import refnet as rn
-            from refnet.isometry import l1_neuron_prune, orthp
+            from refnet.neuron_pruning import l1_neuron_prune, orthp
 
             Xtr, ytr, Xte, yte = self.data
             seed = self.args.seed
