@@ -7,7 +7,7 @@ NumPy (no autodiff anywhere in the engine).
 >>> net = rn.mlp([784] + [100] * 6 + [10], activation="tanh", init="orthogonal", seed=0)
 """
 
-from . import activations, arch, conv, data, init, isometry, jacobians, layers, lottery, losses, neuron_pruning, progress, prop1, pruning, spectrum, theory, training
+from . import activations, arch, conv, data, init, isometry, jacobians, layers, lottery, losses, masks, neuron_pruning, progress, prop1, pruning, saliency, second_order, spectrum, theory, training
 from .activations import Activation, get_activation
 from .init import Initializer, get_initializer
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
@@ -31,6 +31,8 @@ from .pruning import (
     synflow_prune,
     synflow_scores,
 )
+from .saliency import grasp_scores, obd_scores, obs_prune
+from .second_order import gn_diag, gnvp, hessian, hessian_diag, hvp
 from .training import History, train
 
 __version__ = "0.1.0"
@@ -90,6 +92,17 @@ __all__ = [
     "get_loss",
     "init",
     "layers",
+    "masks",
+    "saliency",
+    "second_order",
+    "hvp",
+    "gnvp",
+    "hessian",
+    "hessian_diag",
+    "gn_diag",
+    "grasp_scores",
+    "obd_scores",
+    "obs_prune",
     "neuron_pruning",
     "progress",
     "load_network",

@@ -1,4 +1,4 @@
-r"""Pruning at initialization: scores, top-k masks and layer-collapse checks.
+r"""Pruning at initialization: the scores (SNIP, SynFlow, magnitude, random) and the method dispatch.
 
 Scores (each a list with one dict per layer, keys and shapes as ``net.params``; ``{}`` for
 parameter-free layers; "W" always, "b" only when asked for):
@@ -20,29 +20,10 @@ parameter-free layers; "W" always, "b" only when asked for):
 * :func:`synflow_scores` -- SynFlow (Tanaka et al. 2020), data-free, with
   :func:`synflow_objective` (its ``R``) and the iterative :func:`synflow_prune`.
 
-Masks: :func:`prune` keeps the ``k = round(m (1 - sparsity))`` largest scores, over all scored
-entries (``scope="global"``) or per layer (``scope="layer"``); :func:`snip` is connection
-sensitivity followed by a global top-k; :func:`masks_for` dispatches a method name
-(:data:`METHODS`) to its scores and mask. :func:`pruning_report` and
-:func:`format_pruning_report` show the per-layer result.
-
-One source of truth for every mask of refnet (pruning, lottery tickets, the audit):
-:func:`top_k_mask` is the one top-k selector, :func:`kth_largest` its threshold, and
-:func:`keep_count` the one keep-count rule, with its rounding explicit (``"half_even"`` here,
-``"half_up"`` for lottery tickets, ``"synflow"`` for Synaptic-Flow's ``int((1 - d) m)`` pruned
-entries).
-
-Ranking rules shared by every mask (see :func:`prune`):
-
-* Ties: among equal scores the entry with the LOWER flat index is kept first. The flat index runs
-  over the concatenation, in this order, of layer 0 "W" (row-major / C order), layer 0 "b" (when
-  biases are ranked), layer 1 "W", ... (within one layer for ``scope="layer"``). This is what a
-  stable sort of ``-score`` gives (``np.argsort(-s, kind="stable")``), and PAPER.md's "lower
-  index first".
-* Entries that the network's current mask has pruned stay pruned: they rank below every kept
-  entry, whatever their score, so nothing is ever revived. ``k`` still counts over ALL entries
-  (pruned or not), so a net pruned to sparsity 0.5 and pruned again at 0.9 keeps
-  ``round(0.1 m)`` entries.
+Masks: :func:`snip` is connection sensitivity followed by a global top-k; :func:`masks_for`
+dispatches a method name (:data:`METHODS`) to its scores and mask. Turning scores into masks
+(:func:`prune`, :func:`top_k_mask`, :func:`kth_largest`, :func:`keep_count`, the ranking rules,
+:func:`pruning_report`) has one home, :mod:`refnet.masks`; those names are re-exported here.
 
 Layer indices are code indices (``net.layers[i]``, 0-based); the paper numbers weight layers
 from 1. No function here changes the network it is given.
@@ -50,17 +31,29 @@ from 1. No function here changes the network it is given.
 
 from __future__ import annotations
 
-import math
 import warnings
-from math import prod
 
 import numpy as np
 
-from . import kernels
-from ._checks import as_rng, check_array, check_choice, check_int
+from ._checks import as_rng, check_choice, check_int
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
 from .losses import cross_entropy, get_loss, softmax
 from .network import Network, check_net
+from .masks import (  # re-exported: refnet.pruning has always offered them
+    ROUNDINGS,
+    LayerCollapseWarning,
+    check_bool,
+    check_rounding,
+    format_pruning_report,
+    keep_count,
+    kth_largest,
+    prune,
+    pruning_report,
+    ranked_keys,
+    resolve_density,
+    top_k_mask,
+    warn_collapse,
+)
 from .progress import Progress, progress_target
 
 __all__ = [
@@ -93,156 +86,9 @@ UNSUPERVISED_LOSSES = ("uniform", "pred_raw", "pred_softmax")
 _PARAM_FREE = (AvgPool2d, MaxPool2d, GlobalAvgPool2d, Flatten)
 
 
-class LayerCollapseWarning(UserWarning):
-    """A mask prunes every weight of a layer, or leaves no path from the input to the output."""
-
-
 # -------------------------------------------------------------------------------------------
 # argument checks
 # -------------------------------------------------------------------------------------------
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _resolve_density(sparsity, density, *, allow_empty: bool = False) -> float:
-    """The kept fraction ``d``: ``1 - sparsity`` (sparsity in [0, 1)) or ``density`` in (0, 1]
-    (with ``allow_empty``: sparsity in [0, 1], density in [0, 1], so ``d = 0`` too)."""
-    if (sparsity is None) == (density is None):
-        raise ValueError(
-            "give exactly one of sparsity (fraction pruned, in [0, 1)) and density (fraction kept, "
-            f"in (0, 1]), got sparsity={sparsity!r} and density={density!r}"
-        )
-    name, value = ("sparsity", sparsity) if sparsity is not None else ("density", density)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if name == "sparsity":
-        if not (0.0 <= value < 1.0 or (allow_empty and value == 1.0)):  # also rejects NaN
-            bounds = "[0, 1]" if allow_empty else "[0, 1)"
-            raise ValueError(f"sparsity must be in {bounds} (the fraction of entries pruned), got {value}")
-        return 1.0 - value
-    if not (0.0 < value <= 1.0 or (allow_empty and value == 0.0)):
-        bounds = "[0, 1]" if allow_empty else "(0, 1]"
-        raise ValueError(f"density must be in {bounds} (the fraction of entries kept), got {value}")
-    return value
-
-
-#: the rounding rules of :func:`keep_count`
-ROUNDINGS = ("half_even", "half_up", "synflow")
-
-
-def _check_rounding(rounding) -> str:
-    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
-        raise ValueError(
-            f"rounding must be one of {list(ROUNDINGS)} (half_even: round(m d), refnet's default; "
-            f"half_up: floor(m d + 1/2), the lottery-ticket count; synflow: m - int((1 - d) m), "
-            f"Synaptic-Flow's), got {rounding!r}"
-        )
-    return rounding
-
-
-def keep_count(m: int, sparsity=None, *, density=None, rounding: str = "half_even") -> int:
-    r"""How many of ``m`` entries a mask keeps at density ``d = 1 - sparsity`` (or ``d = density``).
-
-    The one keep-count rule of refnet, with the rounding of ``m d`` to a whole count explicit
-    (every product is the float64 ``m * d``, ``d`` itself the float64 ``1 - sparsity``):
-
-    ``"half_even"`` (default)
-        :math:`k = \operatorname{round}(m d)`, Python's ``round`` (halves to even): what
-        :func:`prune`, :func:`snip` and :func:`synflow_prune` keep.
-    ``"half_up"``
-        :math:`k = \lfloor m d + 1/2 \rfloor` (halves up): the count of
-        :func:`refnet.lottery.magnitude_prune` and :func:`refnet.lottery.imp`.
-    ``"synflow"``
-        :math:`k = m - \lfloor (1 - d)\, m \rfloor`: Synaptic-Flow's convention (Tanaka et al.
-        2020, ``Pruners/pruners.py``: ``int((1.0 - sparsity) * numel)`` entries pruned, where its
-        ``sparsity`` is the kept fraction ``d``), so the pruned count is truncated and the kept
-        count is rounded up. (Its mask then also prunes every entry tied with the threshold;
-        refnet keeps exactly ``k``, ties to the lower index.)
-
-    For example ``m = 10, d = 0.25`` (``m d = 2.5``): 2, 3 and 3; ``m = 10, d = 0.21``: 2, 2 and 3.
-
-    Parameters
-    ----------
-    m : int
-        Number of scored entries (>= 0).
-    sparsity : float in [0, 1], optional
-    density : float in [0, 1], optional
-        Exactly one of ``sparsity`` and ``density`` (``d = 0`` keeps nothing here; the mask
-        functions themselves need ``d > 0``).
-    rounding : {"half_even", "half_up", "synflow"}
-
-    Returns
-    -------
-    int in [0, m]
-    """
-    m = check_int(m, "m", min_value=0)
-    d = _resolve_density(sparsity, density, allow_empty=True)
-    rounding = _check_rounding(rounding)
-    if rounding == "half_even":
-        return int(round(m * d))
-    if rounding == "half_up":
-        return int(math.floor(m * d + 0.5))
-    return m - int((1.0 - d) * m)
-
-
-def _ranked_keys(net: Network, include_bias: bool) -> list[tuple]:
-    """Per layer, the keys that are scored/ranked: ("W",) or ("W", "b")."""
-    out = []
-    for p in net.params:
-        keys = [k for k in ("W", "b") if k in p and (k == "W" or include_bias)]
-        out.append(tuple(keys))
-    return out
-
-
-def _ranked_layers(net: Network, layers) -> set:
-    """The code indices of the layers ranked by :func:`prune`: ``layers`` validated (each a layer
-    with weights), or every layer with weights."""
-    with_weights = [i for i, p in enumerate(net.params) if "W" in p]
-    if layers is None:
-        return set(with_weights)
-    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-        raise TypeError(f"layers must be a sequence of int layer indices, got {type(layers).__name__} {layers!r}")
-    out = set()
-    for i in layers:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"layers must hold int layer indices, got {type(i).__name__} {i!r}")
-        if int(i) not in with_weights:
-            raise ValueError(f"layers: {i} is not the index of a layer with weights; those are {with_weights}")
-        out.add(int(i))
-    if not out:
-        raise ValueError(f"layers must name at least one layer with weights (those are {with_weights}), got {layers!r}")
-    return out
-
-
-def _check_scores(net: Network, scores, keys: list[tuple]) -> list[dict]:
-    """Validated float64 copies of the ranked entries of ``scores``."""
-    if not isinstance(scores, (list, tuple)) or len(scores) != net.n_layers:
-        got = f"{len(scores)} entries" if isinstance(scores, (list, tuple)) else type(scores).__name__
-        raise ValueError(f"scores must be a list of {net.n_layers} dicts (one per layer, like net.params), got {got}")
-    shapes = net.param_shapes()
-    out = []
-    for i, (s, ks) in enumerate(zip(scores, keys)):
-        if s is None:
-            s = {}
-        if not isinstance(s, dict):
-            raise TypeError(f"scores[{i}] must be a dict, got {type(s).__name__}")
-        d = {}
-        for k in ks:
-            if k not in s:
-                hint = " (pass include_bias=False to rank weights only)" if k == "b" else ""
-                raise ValueError(f"scores[{i}] must have the key {k!r}, got keys {sorted(s)}{hint}")
-            a = check_array(s[k], f"scores[{i}][{k!r}]", shape=shapes[i][k], finite=False, allow_int=True)
-            a = a.astype(np.float64, copy=False)  # never written to
-            if np.isnan(a).any():
-                raise ValueError(f"scores[{i}][{k!r}] must not hold NaN, got {int(np.isnan(a).sum())} NaN entries")
-            d[k] = a
-        out.append(d)
-    return out
 
 
 def _loss_kind(loss):
@@ -365,8 +211,8 @@ def connection_sensitivity(
         ``{}`` for parameter-free layers. float, the network's dtype, non-negative.
     """
     check_net(net)
-    include_bias = _check_bool(include_bias, "include_bias")
-    normalize = _check_bool(normalize, "normalize")
+    include_bias = check_bool(include_bias, "include_bias")
+    normalize = check_bool(normalize, "normalize")
     kind, fn = _loss_kind(loss)
     x = net.check_input(x, "x")
     B = x.shape[0]
@@ -387,7 +233,7 @@ def connection_sensitivity(
             RuntimeWarning,
             stacklevel=2,
         )
-    keys = _ranked_keys(net, include_bias)
+    keys = ranked_keys(net, include_bias)
     acc = None  # the first batch's products start the sums (no zeros to add to)
     for start in range(0, B, bs):
         xb = x[start : start + bs]  # (b, *in_shape)
@@ -432,7 +278,7 @@ def random_scores(net, seed, *, include_bias: bool = False) -> list[dict]:
         Also return the bias scores.
     """
     check_net(net)
-    include_bias = _check_bool(include_bias, "include_bias")
+    include_bias = check_bool(include_bias, "include_bias")
     if seed is None:
         raise TypeError("seed must be an int or a numpy.random.Generator (random scores must be reproducible), got None")
     rng = as_rng(seed)
@@ -458,8 +304,8 @@ def magnitude_scores(net, *, include_bias: bool = False) -> list[dict]:
         Also return ``|m_b * b|``.
     """
     check_net(net)
-    include_bias = _check_bool(include_bias, "include_bias")
-    keys = _ranked_keys(net, include_bias)
+    include_bias = check_bool(include_bias, "include_bias")
+    keys = ranked_keys(net, include_bias)
     return [{k: np.abs(net.params[i][k] * net.masks[i][k]) for k in ks} for i, ks in enumerate(keys)]
 
 
@@ -538,7 +384,7 @@ def synflow_objective(net, *, log: bool = False) -> float:
     ``R = 0`` (``log R = -inf``) when no path connects input and output.
     """
     check_net(net)
-    log = _check_bool(log, "log")
+    log = check_bool(log, "log")
     _, log_P, R_prime = _synflow_pass(net)
     if R_prime == 0.0:
         return -np.inf if log else 0.0
@@ -585,7 +431,7 @@ def synflow_scores(net, in_shape=None, *, normalize: bool = True) -> list[dict]:
     """
     check_net(net)
     _check_in_shape(net, in_shape)
-    normalize = _check_bool(normalize, "normalize")
+    normalize = check_bool(normalize, "normalize")
     scores, log_P, _ = _synflow_pass(net)
     if normalize:
         total = sum(float(d["W"].sum()) for d in scores if d)
@@ -645,11 +491,11 @@ def synflow_prune(
         Masks shaped like ``net.params``.
     """
     check_net(net)
-    d = _resolve_density(sparsity, density)
+    d = resolve_density(sparsity, density)
     n = check_int(iterations, "iterations", min_value=1)
     scope = check_choice(scope, "scope", ("global", "layer"))
-    rounding = _check_rounding(rounding)
-    warn = _check_bool(warn, "warn")
+    rounding = check_rounding(rounding)
+    warn = check_bool(warn, "warn")
     progress_target(progress)  # checked before any work
     cur = net
     masks = None
@@ -660,249 +506,13 @@ def synflow_prune(
             cur = net.with_masks(masks)
             bar.update(postfix=lambda: f"density {dk:.4g}")
     if warn:
-        _warn_collapse(net, masks, stacklevel=3)
+        warn_collapse(net, masks, stacklevel=3)
     return masks
 
 
 # -------------------------------------------------------------------------------------------
 # masks
 # -------------------------------------------------------------------------------------------
-
-
-def _ranked_entries(scores, alive):
-    """``(shape of scores, flat indices of the alive entries or None when all are alive, their
-    flat scores)`` after validating ``scores`` (real, no NaN) and ``alive`` (bool, same shape)."""
-    s = check_array(scores, "scores", finite=False, allow_int=True)
-    if s.dtype.kind == "f" and np.isnan(s).any():
-        raise ValueError(f"scores must not hold NaN, got {int(np.isnan(s).sum())} NaN entries")
-    flat = s.ravel()  # C order: the flat index of the tie rule
-    if alive is None:
-        return s.shape, None, flat
-    a = np.asarray(alive)
-    if a.dtype != bool:
-        raise TypeError(f"alive must be a boolean mask, got dtype {a.dtype}")
-    if a.shape != s.shape:
-        raise ValueError(f"alive must have the shape of scores {s.shape}, got {a.shape}")
-    a = a.ravel()
-    if a.all():  # nothing pruned yet (the usual case): rank the scores themselves
-        return s.shape, None, flat
-    idx = np.flatnonzero(a)
-    return s.shape, idx, flat[idx]
-
-
-def kth_largest(scores, k: int, alive=None) -> float:
-    r"""The ``k``-th largest score among the ``alive`` entries: the threshold of a top-k mask.
-
-    With the alive scores sorted in decreasing order, :math:`s_{(1)} \ge s_{(2)} \ge \dots
-    \ge s_{(n)}` (``n`` alive entries, repeated values counted), this is :math:`s_{(k)}`, the
-    value :func:`top_k_mask` keeps down to: it keeps every alive entry scored above it and as many
-    tied with it (lowest flat index first) as make ``k``. Exactly the value of
-    ``np.sort(scores[alive])[::-1][k - 1]``, computed in O(n) by :func:`refnet.kernels.kth_largest`.
-
-    Conventions at the ends: ``k = 0`` gives ``+inf`` (nothing is kept: every score is below the
-    threshold) and ``k > n`` gives ``-inf`` (every alive entry is kept, and there is no ``k``-th
-    one; this includes ``n = 0``).
-
-    Parameters
-    ----------
-    scores : ndarray, any shape, real (float64, float32 or integer); ``+-inf`` allowed, NaN is a
-        ValueError.
-    k : int >= 0
-    alive : ndarray of bool, shape of ``scores``, optional
-        The entries that may be ranked (default: all).
-
-    Returns
-    -------
-    float
-    """
-    _, _, sa = _ranked_entries(scores, alive)
-    k = check_int(k, "k", min_value=0)
-    if k == 0:
-        return math.inf
-    if k > sa.size:
-        return -math.inf
-    return float(kernels.kth_largest(sa, k))
-
-
-def top_k_mask(scores, k: int, alive=None) -> np.ndarray:
-    r"""Boolean mask of the ``k`` largest ``scores`` among the ``alive`` entries: the one top-k
-    selector behind every pruning mask of refnet.
-
-    Rules:
-
-    * Ties: among equal scores the entry with the LOWER flat index (C order) is kept first, so the
-      mask is ``keep[order[:k]] = True`` with ``order = idx[np.argsort(-scores.ravel()[idx],
-      kind="stable")]`` and ``idx`` the alive flat indices in increasing order. It is computed in
-      O(m) from the threshold :func:`kth_largest`: every alive entry above it is kept, then the
-      lowest-index ties.
-    * Entries that are not ``alive`` are never kept, whatever their score (pruned stays pruned).
-    * ``k = 0`` keeps nothing; ``k`` at or above the number of alive entries keeps all of them
-      (and no more).
-
-    Parameters
-    ----------
-    scores : ndarray, any shape, real (float64, float32 or integer); ``+-inf`` allowed, NaN is a
-        ValueError.
-    k : int >= 0
-    alive : ndarray of bool, shape of ``scores``, optional
-        The entries that may be kept (default: all).
-
-    Returns
-    -------
-    ndarray of bool, shape of ``scores``
-        A new array with ``min(k, alive.sum())`` True entries.
-    """
-    shape, idx, sa = _ranked_entries(scores, alive)
-    k = min(check_int(k, "k", min_value=0), sa.size)
-    if k == 0:
-        return np.zeros(shape, dtype=bool)
-    if k == sa.size:
-        sel = np.ones(sa.shape, dtype=bool)
-    else:
-        t = kernels.kth_largest(sa, k)  # the k-th largest score (np.partition, or a radix select)
-        sel = sa > t
-        ties = np.flatnonzero(sa == t)[: k - int(np.count_nonzero(sel))]  # lowest indices first
-        sel[ties] = True
-    if idx is None:  # every entry alive: sel is the mask
-        return sel.reshape(shape)
-    keep = np.zeros(prod(shape), dtype=bool)
-    keep[idx[sel]] = True
-    return keep.reshape(shape)
-
-
-def _is_mlp(net: Network) -> bool:
-    return all(isinstance(layer, (Dense, Flatten)) for layer in net.layers)
-
-
-def _warn_collapse(net: Network, masks: list[dict], stacklevel: int = 2) -> None:
-    """LayerCollapseWarning for each layer whose weights are all pruned, and once when the
-    network is disconnected (MLPs: the 0/1 product of the weight masks from input to output is
-    all zero; other networks: some layer's weight mask is all zero)."""
-    collapsed = []
-    for i, m in enumerate(masks):
-        if "W" in m and not m["W"].any():
-            collapsed.append(i)
-            warnings.warn(
-                f"layer collapse: every weight of layers[{i}] ({type(net.layers[i]).__name__}, "
-                f"{m['W'].size} weights) is pruned",
-                LayerCollapseWarning,
-                stacklevel=stacklevel + 1,
-            )
-    if _is_mlp(net):
-        reach = np.ones(prod(net.in_shape), dtype=bool)  # inputs reached so far
-        for layer, m in zip(net.layers, masks):
-            if isinstance(layer, Dense):
-                reach = m["W"][:, reach].any(axis=1)  # units with a kept edge from a reached unit
-        disconnected = not reach.any()
-        why = "the product of the weight masks (0/1 connectivity) from input to output is all zero"
-    else:
-        disconnected = bool(collapsed)
-        why = f"the weights of layers {collapsed} are all pruned"
-    if disconnected:
-        warnings.warn(
-            f"the pruned network is disconnected: no path from the input to the output ({why})",
-            LayerCollapseWarning,
-            stacklevel=stacklevel + 1,
-        )
-
-
-def prune(
-    net,
-    scores,
-    sparsity=None,
-    *,
-    density=None,
-    scope: str = "global",
-    include_bias: bool = False,
-    layers=None,
-    rounding: str = "half_even",
-    warn: bool = True,
-) -> list[dict]:
-    r"""Masks keeping the ``k`` highest-scored entries: ``k = round(m (1 - sparsity))``.
-
-    ``m`` is the number of ranked entries: all weights ("W") of ``layers`` (default: every layer),
-    plus their biases when ``include_bias``, over the whole network (``scope="global"``, PAPER.md
-    section 4's global top-k) or within each layer (``scope="layer"``, one
-    ``k_l = round(m_l (1 - sparsity))`` per layer). ``round`` is Python's (halves to even) on the
-    float64 product; ``rounding`` picks another rule of :func:`keep_count` (``"half_up"``:
-    ``floor(m d + 1/2)``, ``"synflow"``: ``m - int((1 - d) m)``).
-
-    Ties: among equal scores the entry with the LOWER flat index is kept first; the flat index
-    runs over layer 0 "W" (row-major), layer 0 "b" (if ranked), layer 1 "W", ... This is exactly
-    ``np.argsort(-s, kind="stable")[:k]``; it is computed in O(m) by :func:`top_k_mask`.
-
-    Already-pruned entries: every entry pruned by ``net.masks`` stays pruned (it ranks below all
-    kept entries whatever its score), but ``k`` counts over ALL ``m`` entries. If ``k`` exceeds the
-    number of entries still kept, all of them are kept (fewer than ``k``) and a UserWarning says so.
-    Biases that are not ranked, and the weights of layers not in ``layers``, keep their current
-    mask.
-
-    Parameters
-    ----------
-    net : Network
-        Provides the shapes and the current masks; it is not changed.
-    scores : list of dict
-        One dict per layer with "W" (and "b" when ``include_bias``) shaped like the parameter, for
-        the layers of ``layers``; real, ``+-inf`` allowed, NaN is a ValueError. Other keys, and
-        the entries of other layers, are ignored.
-    sparsity : float in [0, 1), optional
-        Fraction pruned.
-    density : float in (0, 1], optional
-        Fraction kept. Give exactly one of ``sparsity`` and ``density``.
-    scope : {"global", "layer"}
-    include_bias : bool
-        Rank the biases with the weights (the official SNIP code does).
-    layers : sequence of int, optional
-        Code indices (``net.layers[i]``) of the layers whose parameters are ranked; each must have
-        weights. Default: every layer with weights.
-    rounding : {"half_even", "half_up", "synflow"}
-        The rule turning ``m d`` into ``k`` (:func:`keep_count`).
-    warn : bool
-        Emit :class:`LayerCollapseWarning` when a layer's weights are all pruned and when the
-        network is disconnected.
-
-    Returns
-    -------
-    list of dict
-        Boolean masks with the keys and shapes of ``net.params`` ("W" and "b"); new arrays.
-    """
-    check_net(net)
-    d = _resolve_density(sparsity, density)
-    scope = check_choice(scope, "scope", ("global", "layer"))
-    include_bias = _check_bool(include_bias, "include_bias")
-    rounding = _check_rounding(rounding)
-    warn = _check_bool(warn, "warn")
-    chosen = _ranked_layers(net, layers)
-    keys = [ks if i in chosen else () for i, ks in enumerate(_ranked_keys(net, include_bias))]
-    s = _check_scores(net, scores, keys)
-    entries = [(i, k) for i, ks in enumerate(keys) for k in ks]
-    ranked = set(entries)  # their masks are replaced below; the others are copied
-    masks = [{k: (None if (i, k) in ranked else v.copy()) for k, v in m.items()} for i, m in enumerate(net.masks)]
-    groups = [entries] if scope == "global" else [[e for e in entries if e[0] == i] for i in range(net.n_layers)]
-    for group in groups:
-        if not group:
-            continue
-        flat = np.concatenate([s[i][k].ravel() for i, k in group])  # concatenation order
-        alive = np.concatenate([net.masks[i][k].ravel() for i, k in group])
-        k_keep = keep_count(flat.size, density=d, rounding=rounding)
-        keep = top_k_mask(flat, k_keep, alive)
-        n_alive = int(alive.sum())
-        if warn and n_alive < k_keep:
-            where = "the network" if scope == "global" else f"layers[{group[0][0]}]"
-            warnings.warn(
-                f"density {d:g} asks to keep {k_keep} of {flat.size} entries of {where}, but its "
-                f"current mask keeps only {n_alive}; pruned entries are never revived, so {n_alive} are kept",
-                UserWarning,
-                stacklevel=2,
-            )
-        start = 0
-        for i, k in group:
-            n = s[i][k].size
-            masks[i][k] = keep[start : start + n].reshape(s[i][k].shape)
-            start += n
-    if warn:
-        _warn_collapse(net, masks, stacklevel=2)
-    return masks
 
 
 def snip(
@@ -935,9 +545,9 @@ def snip(
     >>> masks = snip(net, X[:100], y[:100], sparsity=0.9)   # doctest: +SKIP
     """
     check_net(net)
-    _resolve_density(sparsity, density)  # fail before the backward pass
+    resolve_density(sparsity, density)  # fail before the backward pass
     check_choice(scope, "scope", ("global", "layer"))
-    _check_bool(warn, "warn")
+    check_bool(warn, "warn")
     scores = connection_sensitivity(net, x, y, loss, batch_size=batch_size, include_bias=include_bias, normalize=False)
     return prune(net, scores, sparsity, density=density, scope=scope, include_bias=include_bias, warn=warn)
 
@@ -1013,9 +623,9 @@ def masks_for(
     """
     method = check_choice(method, "method", METHODS)
     check_net(net)
-    _resolve_density(sparsity, density)  # fail before any scoring
+    resolve_density(sparsity, density)  # fail before any scoring
     scope = check_choice(scope, "scope", ("global", "layer"))
-    warn = _check_bool(warn, "warn")
+    warn = check_bool(warn, "warn")
     if method == "synflow":
         return synflow_prune(net, sparsity, density=density, scope=scope, warn=warn)
     if method in DATA_METHODS:
@@ -1035,69 +645,3 @@ def masks_for(
 # -------------------------------------------------------------------------------------------
 
 
-def _masks_and_types(net_or_masks):
-    if isinstance(net_or_masks, Network):
-        return net_or_masks.masks, [type(layer).__name__ for layer in net_or_masks.layers]
-    if not isinstance(net_or_masks, (list, tuple)):
-        raise TypeError(f"net_or_masks must be a Network or a list of mask dicts, got {type(net_or_masks).__name__}")
-    for i, m in enumerate(net_or_masks):
-        if m is None:
-            continue
-        if not isinstance(m, dict):
-            raise TypeError(f"net_or_masks[{i}] must be a dict of boolean masks, got {type(m).__name__}")
-        for k, v in m.items():
-            a = np.asarray(v)
-            if a.dtype != bool:
-                raise TypeError(f"net_or_masks[{i}][{k!r}] must be a boolean mask, got dtype {a.dtype}")
-    return [m or {} for m in net_or_masks], [None] * len(net_or_masks)
-
-
-def pruning_report(net_or_masks) -> list[dict]:
-    """Per-layer weight counts of a mask.
-
-    Parameters
-    ----------
-    net_or_masks : Network or list of dict
-        A network (its ``masks``) or masks as returned by :func:`prune`.
-
-    Returns
-    -------
-    list of dict
-        One row per layer with weights: ``{"layer": i (code index), "type": "Dense" / "Conv2d"
-        (None for bare masks), "kept": kept weights, "total": weights, "sparsity": 1 - kept/total}``.
-        Biases are not counted.
-    """
-    masks, types = _masks_and_types(net_or_masks)
-    rows = []
-    for i, (m, t) in enumerate(zip(masks, types)):
-        if "W" not in m:
-            continue
-        W = np.asarray(m["W"])
-        kept, total = int(W.sum()), int(W.size)
-        rows.append({"layer": i, "type": t, "kept": kept, "total": total, "sparsity": 1.0 - kept / total})
-    return rows
-
-
-def format_pruning_report(report) -> str:
-    """A text table of :func:`pruning_report` (given a report, a Network or masks), with a total
-    line."""
-    if isinstance(report, Network) or (
-        isinstance(report, (list, tuple)) and not all(isinstance(r, dict) and "kept" in r for r in report)
-    ):
-        report = pruning_report(report)
-    if not isinstance(report, (list, tuple)):
-        raise TypeError(f"report must be a pruning_report list, a Network or masks, got {type(report).__name__}")
-    lines = [f"{'layer':>5}  {'type':<8} {'kept':>9} {'total':>9} {'sparsity':>9}"]
-    kept = total = 0
-    for r in report:
-        try:
-            lines.append(
-                f"{r['layer']:>5}  {str(r['type'] or '-'):<8} {r['kept']:>9} {r['total']:>9} {r['sparsity']:>9.4f}"
-            )
-            kept += r["kept"]
-            total += r["total"]
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"report rows must be dicts from pruning_report, got {r!r}") from exc
-    sp = 1.0 - kept / total if total else 0.0
-    lines.append(f"{'all':>5}  {'':<8} {kept:>9} {total:>9} {sp:>9.4f}")
-    return "\n".join(lines)

@@ -394,12 +394,12 @@ _EXEMPT = "# not a top-k selection"
 
 
 def _selectors(root: Path) -> list[str]:
-    """``path:line: code`` of every top-k selection in ``root/refnet`` outside pruning.py, where
-    the one selector (:func:`refnet.pruning.top_k_mask`) lives; the kernels live in ``kernels/``."""
+    """``path:line: code`` of every top-k selection in ``root/refnet`` outside masks.py, where
+    the one selector (:func:`refnet.masks.top_k_mask`) lives; the kernels live in ``kernels/``."""
     out = []
     for path in sorted((root / "refnet").rglob("*.py")):
         rel = path.relative_to(root).as_posix()
-        if rel == "refnet/pruning.py" or "__pycache__" in path.parts:
+        if rel == "refnet/masks.py" or "__pycache__" in path.parts:
             continue
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if _SELECTOR.search(line.split("#", 1)[0]) and _EXEMPT not in line:
@@ -410,7 +410,7 @@ def _selectors(root: Path) -> list[str]:
 def test_the_selector_scan_finds_what_is_planted(tmp_path):
     pkg = tmp_path / "refnet"
     (pkg / "sub").mkdir(parents=True)
-    (pkg / "pruning.py").write_text("t = kernels.kth_largest(sa, k)\norder = np.argsort(-s)\n")
+    (pkg / "masks.py").write_text("t = kernels.kth_largest(sa, k)\norder = np.argsort(-s)\n")
     (pkg / "ok.py").write_text(
         "from .pruning import kth_largest, top_k_mask\n"
         "m = top_k_mask(s, k)  # np.argsort(-s) in a comment\n"
