@@ -7,7 +7,7 @@ import importlib
 
 from .common import blas_info, print_table, settle_allocator, write_json
 
-SUITES = ["engine", "kernels", "jacobian", "gpu"]  # gpu: skipped, saying why, without CuPy or a GPU
+SUITES = ["engine", "kernels", "jacobian", "second_order", "gpu"]  # gpu: skipped, saying why, without CuPy or a GPU
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

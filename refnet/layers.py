@@ -31,6 +31,18 @@ Every layer implements one protocol (shapes are per batch; ``B`` examples as row
     The derivative of ``L(c * theta)`` with respect to the mask ``c`` at the current mask, from
     ``g = dL/dy``: ``(dL/d theta_eff) * theta`` per parameter, with ``dL/d theta_eff`` NOT
     masked; ``{}`` for parameter-free layers.
+``rop_forward(params, cache, x_dot, mask=None, dparams=None) -> (y_dot, rcache)``
+    Second order, Pearlmutter's R-operator, forward half: ``R{y}`` (the derivative of the output
+    along a parameter direction ``dparams``) from ``R{x}`` (None: zero), and what the backward
+    half needs (``rcache``: ``"x_dot"``, and ``"h_dot"`` = ``R{h}`` for Dense and Conv2d).
+``rop_backward(params, cache, rcache, g, g_dot, mask=None, dparams=None, input_grad=True)``
+    Its backward half: ``(dL/dx, R{dL/dx}, dL/dtheta, R{dL/dtheta})`` from ``g = dL/dy`` and
+    ``R{g}``; ``R{dL/dtheta}`` is this layer's block of the Hessian-vector product, with the
+    ``phi''`` term (:mod:`refnet.second_order`).
+``hessian_diag_backward(params, cache, Q, coef, g=None, mask=None, input_rows=True)``
+    A signed factor of the per-example output Hessian, ``sum_r coef Q_r Q_r^T``, pulled back to
+    the input, and the exact diagonal of the Hessian with respect to the parameters (the
+    Gauss-Newton diagonal when ``g`` is None).
 ``keys``, ``is_affine_map``, ``flat_identity``
     The parameter names; whether ``x^l`` is an affine function of ``x^{l-1}`` (a linear
     activation, or a linear parameter-free layer); whether the layer is the identity on
@@ -117,7 +129,10 @@ class Layer:
 
     A subclass implements ``out_shape``, ``forward``, ``vjp`` and ``jvp``; the defaults here build
     everything else from those (``jacobian`` from ``n_in`` JVPs, ``vjp_many`` / ``jvp_many`` as a
-    loop of VJPs / JVPs) and a subclass overrides them where a batched form is faster.
+    loop of VJPs / JVPs) and a subclass overrides them where a batched form is faster. The
+    second-order rules (``rop_forward``, ``rop_backward``, ``hessian_diag_backward``) default to
+    those of a parameter-free, piecewise linear layer (zero second derivative); a layer with
+    parameters must define them (NotImplementedError otherwise), as it must ``mask_grads``.
 
     Trace caches. The dict ``forward`` returns (one entry of ``Trace.caches``) holds these keys;
     :mod:`refnet.jacobians`, :mod:`refnet.prop1` and the audits read caches by these names only
@@ -258,6 +273,137 @@ class Layer:
             raise NotImplementedError(f"{type(self).__name__} has parameters {self.keys} but no mask_grads")
         return {}
 
+    # --- second order (Pearlmutter's R-operator; driven by refnet.second_order) ---------------
+    def rop_forward(self, params, cache, x_dot, mask=None, dparams=None) -> tuple:
+        r"""Forward half of the R-operator: ``R{y}``, the derivative of the output along a
+        direction ``V`` of the parameters (of this and earlier layers), from ``R{x}``.
+
+        ``R{f} = d/dt f(theta + t V) |_{t=0}``. For an affine layer
+        ``R{h} = W R{x} + (c * V_W) x + c_b * V_b`` and ``R{y} = D R{h}`` (the JVP with the parameter
+        tangent ``V``); the second derivative ``phi''`` enters only on the way back
+        (:meth:`rop_backward`). The default here is for parameter-free layers: linear (pooling,
+        flatten) or piecewise linear with the arg-max held (max pooling), so ``R{y} = jvp(R{x})``.
+
+        Parameters
+        ----------
+        params, cache, mask
+            As in :meth:`vjp` (``cache`` from :meth:`forward`).
+        x_dot : ndarray, shape (B, *in_shape), or None
+            ``R{x}``; None means zero (the input of the first layer is data).
+        dparams : dict or None
+            This layer's part of ``V``, keys and shapes as ``params``; masked here (the direction of
+            the effective parameter is ``mask * V``). None or a missing key: zero.
+
+        Returns
+        -------
+        y_dot : ndarray, shape (B, *out_shape), or None
+            ``R{y}`` (None when it is zero: no input tangent and no parameter direction).
+        rcache : dict
+            What :meth:`rop_backward` needs: ``"x_dot"`` (``R{x}`` or None) and, for Dense and
+            Conv2d, ``"h_dot"`` (``R{h}`` or None); Conv2d adds ``"cols_dot"``
+            (``im2col(R{x})`` or None).
+        """
+        if self.keys:
+            raise NotImplementedError(f"{type(self).__name__} has parameters {self.keys} but no rop_forward")
+        y_dot = None if x_dot is None else self.jvp(params, cache, x_dot, mask)
+        return y_dot, {"x_dot": x_dot}
+
+    def rop_backward(self, params, cache, rcache, g, g_dot, mask=None, dparams=None, input_grad=True, param_grads=True) -> tuple:
+        r"""Backward half of the R-operator: the VJP and its directional derivative together.
+
+        From ``g = dL/dy`` and ``R{g}`` (its derivative along ``V``) return ``dL/dx`` and
+        ``R{dL/dx}``, the parameter gradients and their ``R{.}``: the rows of ``H V`` for this
+        layer's parameters. For an affine layer (one example, ``g_h = dL/dh``)
+
+        .. math::
+            g_h = D g, \qquad R\{g_h\} = D\,R\{g\} + \phi''(h) \odot g \odot R\{h\},
+
+            R\{\partial L/\partial W\} = c \odot \big(R\{g_h\}\, x^T + g_h\, R\{x\}^T\big), \qquad
+            R\{\partial L/\partial b\} = c_b \odot R\{g_h\},
+
+            R\{\partial L/\partial x\} = W^T R\{g_h\} + (c \odot V_W)^T g_h .
+
+        The default here is for parameter-free layers (piecewise linear, second derivative zero):
+        ``(vjp(g), vjp(R{g}), {}, {})``.
+
+        Parameters
+        ----------
+        params, cache, mask, dparams
+            As in :meth:`rop_forward`.
+        rcache : dict
+            From :meth:`rop_forward`.
+        g, g_dot : ndarray, shape (B, *out_shape)
+            ``dL/dy`` and ``R{dL/dy}``.
+        input_grad : bool
+            False skips ``dL/dx`` and ``R{dL/dx}`` (returned as None): the first layer.
+        param_grads : bool
+            False skips ``dL/dtheta`` (``grads`` returned as ``{}``): a Hessian-vector product alone
+            does not need the gradient.
+
+        Returns
+        -------
+        g_x, g_x_dot : ndarray, shape (B, *in_shape), or None
+        grads, hv : dict
+            ``dL/dtheta`` and ``R{dL/dtheta} = (H V)_theta``, shaped like ``params``, pruned entries
+            exactly zero; ``{}`` for a parameter-free layer.
+        """
+        if self.keys:
+            raise NotImplementedError(f"{type(self).__name__} has parameters {self.keys} but no rop_backward")
+        if not input_grad:
+            return None, None, {}, {}
+        g_x, _ = self.vjp(params, cache, g, mask)
+        g_x_dot, _ = self.vjp(params, cache, g_dot, mask)
+        return g_x, g_x_dot, {}, {}
+
+    def hessian_diag_backward(self, params, cache, Q, coef, g=None, mask=None, input_rows=True) -> tuple:
+        r"""One layer of the exact (or Gauss-Newton) Hessian diagonal: pull back a signed factor of
+        the per-example Hessian with respect to the output and read off the parameters' diagonal.
+
+        The Hessian of the (mean) loss with respect to this layer's output, for example ``b``, is
+        held as ``d^2L/dy_b^2 = sum_r coef[b, r] Q[b, r] Q[b, r]^T`` (rows ``Q[b, r]`` over the
+        flattened output). Through an affine layer ``y = phi(h)``, ``h = W x + b``:
+
+        .. math::
+            \frac{\partial^2 L}{\partial h^2} = D \frac{\partial^2 L}{\partial y^2} D
+                + \operatorname{diag}\big(\phi''(h) \odot g\big), \qquad
+            \frac{\partial^2 L}{\partial x^2} = W^T \frac{\partial^2 L}{\partial h^2} W,
+
+        so the rows become ``D Q`` and, for every unit ``a`` with a non-zero residual
+        ``r_a = phi''(h_a) g_a``, one new row ``sqrt|r_a| e_a`` with coefficient ``sign r_a``; both
+        are then pulled back through ``W``. ``h`` is linear in ``W``, so the weight block of the
+        Hessian is ``sum_b (dh/dW)^T (d^2L/dh_b^2) (dh/dW)`` and its diagonal is a sum of squares of
+        per-row weight gradients (Dense: ``diag(d^2L/dh^2)^T (x * x)``). With ``g`` None the
+        residual rows are left out: the Gauss-Newton diagonal. Parameter-free layers are piecewise
+        linear: their default here pulls the rows back with :meth:`vjp_many` and adds none.
+
+        Parameters
+        ----------
+        params, cache, mask
+            As in :meth:`vjp`.
+        Q : ndarray, shape (B, r, N_out)
+            The factor rows over the flattened (NCHW) output.
+        coef : ndarray, shape (B, r)
+            Their coefficients (signed).
+        g : ndarray, shape (B, *out_shape), or None
+            ``dL/dy`` for the exact Hessian; None for the Gauss-Newton matrix.
+        input_rows : bool
+            False skips the rows for the input (the first layer).
+
+        Returns
+        -------
+        Q_in : ndarray, shape (B, r', N_in), or None
+        coef_in : ndarray, shape (B, r'), or None
+            The factor for the input (``r' >= r``: the residual rows appended).
+        diag : dict
+            The diagonal of the Hessian with respect to each parameter (through ``mask * theta``:
+            zero at pruned entries), shaped like ``params``; ``{}`` for a parameter-free layer.
+        """
+        if self.keys:
+            raise NotImplementedError(f"{type(self).__name__} has parameters {self.keys} but no hessian_diag_backward")
+        if not input_rows:
+            return None, None, {}
+        return self.vjp_many(params, cache, Q, mask), coef, {}
+
     # --- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {"type": type(self).__name__}
@@ -293,6 +439,13 @@ class _Affine(Layer):
     def is_affine_map(self) -> bool:
         return self.activation.is_linear
 
+    def _residual(self, cache, g, h_dot=None):
+        """``phi''(h) * g`` (times ``R{h}`` when given), or None for a linear activation."""
+        if self.activation.is_linear:
+            return None
+        r = g * self.activation.d2phi(cache["h"])
+        return r if h_dot is None else r * h_dot
+
 
 @dataclass(frozen=True)
 class Dense(_Affine):
@@ -314,6 +467,11 @@ class Dense(_Affine):
         JVP      ``y_dot = D (W v + dW x + db)``                               (:meth:`jvp`)
         stacks   ``G -> (G * D) W``, ``V -> (V W^T) * D``, one GEMM each  (:meth:`vjp_many`, :meth:`jvp_many`)
         mask     ``dL/dc = ((D g) x^T) * W``, ``dL/dc_b = (D g) * b``            (:meth:`mask_grads`)
+        R-op     ``R{h} = W R{x} + V_W x + V_b``, ``R{y} = D R{h}``;                 (:meth:`rop_forward`)
+                 ``R{g_h} = D R{g} + phi''(h) g R{h}``, ``(H V)_W = R{g_h} x^T + g_h R{x}^T``,
+                 ``R{g_x} = W^T R{g_h} + V_W^T g_h``                              (:meth:`rop_backward`)
+        diag H   ``diag_W = diag(d2L/dh2) (x * x)^T`` with ``d2L/dh2 = D (d2L/dy2) D + diag(phi''(h) g)``
+                                                                           (:meth:`hessian_diag_backward`)
     with ``W`` the effective weight ``mask * W`` (the stored ``W`` in ``dL/dc``).
     """
 
@@ -404,6 +562,78 @@ class Dense(_Affine):
             out["b"] = gh.sum(axis=0) * params["b"]  # (n_out,)
         return out
 
+    def rop_forward(self, params, cache, x_dot, mask=None, dparams=None):
+        """``R{h} = R{x} (c W)^T + x (c V_W)^T + c_b V_b`` and ``R{y} = D R{h}``
+        (see :meth:`Layer.rop_forward`)."""
+        h_dot = None
+        if x_dot is not None:
+            h_dot = x_dot @ _masked(params, mask, "W").T  # (B, n_out): W R{x}
+        if dparams is not None and "W" in dparams:
+            t = cache["x"] @ _masked(dparams, mask, "W").T  # (B, n_out): V_W x
+            h_dot = t if h_dot is None else h_dot + t
+        if self.bias and dparams is not None and "b" in dparams:
+            vb = _masked(dparams, mask, "b")  # (n_out,)
+            h_dot = np.zeros_like(cache["h"]) + vb if h_dot is None else h_dot + vb
+        if h_dot is None:
+            return None, {"x_dot": None, "h_dot": None}
+        return cache["D"] * h_dot, {"x_dot": x_dot, "h_dot": h_dot}  # (B, n_out)
+
+    def rop_backward(self, params, cache, rcache, g, g_dot, mask=None, dparams=None, input_grad=True, param_grads=True):
+        """``g_h = D g``, ``R{g_h} = D R{g} + phi''(h) g R{h}``; ``R{dL/dW} = c (R{g_h}^T x +
+        g_h^T R{x})`` (rows are examples), ``R{dL/db} = c_b sum R{g_h}``,
+        ``R{dL/dx} = R{g_h} (c W) + g_h (c V_W)`` (see :meth:`Layer.rop_backward`)."""
+        x, D = cache["x"], cache["D"]
+        x_dot, h_dot = rcache["x_dot"], rcache["h_dot"]
+        gh = g * D  # (B, n_out): dL/dh
+        gh_dot = g_dot * D  # (B, n_out): R{dL/dh}, the first-order part
+        if h_dot is not None:
+            r = self._residual(cache, g, h_dot)
+            if r is not None:
+                gh_dot = gh_dot + r  # + phi''(h) g R{h}
+        gW_dot = gh_dot.T @ x  # (n_out, n_in)
+        if x_dot is not None:
+            gW_dot = gW_dot + gh.T @ x_dot
+        grads = {"W": _mask_grad(gh.T @ x, mask, "W")} if param_grads else {}
+        hv = {"W": _mask_grad(gW_dot, mask, "W")}
+        if self.bias:
+            if param_grads:
+                grads["b"] = _mask_grad(gh.sum(axis=0), mask, "b")  # (n_out,)
+            hv["b"] = _mask_grad(gh_dot.sum(axis=0), mask, "b")
+        if not input_grad:
+            return None, None, grads, hv
+        W = _masked(params, mask, "W")  # (n_out, n_in)
+        g_x = gh @ W  # (B, n_in)
+        g_x_dot = gh_dot @ W
+        if dparams is not None and "W" in dparams:
+            g_x_dot = g_x_dot + gh @ _masked(dparams, mask, "W")
+        return g_x, g_x_dot, grads, hv
+
+    def hessian_diag_backward(self, params, cache, Q, coef, g=None, mask=None, input_rows=True):
+        """Rows ``M = Q * D`` of ``d^2L/dh^2`` (plus the diagonal residual ``phi''(h) g``);
+        ``diag_W = c * (diag(d^2L/dh^2)^T (x * x))``, ``diag_b = c_b * sum diag(d^2L/dh^2)``; rows
+        for the input ``M (c W)`` and ``sqrt|r_a| (c W)_a`` (see :meth:`Layer.hessian_diag_backward`)."""
+        B, r, n_out = Q.shape
+        M = Q * cache["D"][:, None, :]  # (B, r, n_out): rows of D (d2L/dy2) D
+        diag_h = np.einsum("br,bra->ba", coef, M * M)  # (B, n_out): diag of the first part
+        res = None if g is None else self._residual(cache, g)  # (B, n_out): phi''(h) g
+        if res is not None:
+            diag_h = diag_h + res
+        x = cache["x"]
+        diag = {"W": _mask_grad(diag_h.T @ (x * x), mask, "W")}  # (n_out, n_in)
+        if self.bias:
+            diag["b"] = _mask_grad(diag_h.sum(axis=0), mask, "b")
+        if not input_rows:
+            return None, None, diag
+        W = _masked(params, mask, "W")  # (n_out, n_in)
+        Q_in = (M.reshape(B * r, n_out) @ W).reshape(B, r, W.shape[1])  # (B, r, n_in)
+        if res is not None:
+            units = np.flatnonzero(np.any(res != 0, axis=0))
+            if units.size:
+                rows = np.sqrt(np.abs(res[:, units]))[:, :, None] * W[units][None]  # (B, u, n_in)
+                Q_in = np.concatenate([Q_in, rows], axis=1)
+                coef = np.concatenate([coef, np.sign(res[:, units])], axis=1)
+        return Q_in, coef, diag
+
 
 @dataclass(frozen=True)
 class Conv2d(_Affine):
@@ -425,6 +655,8 @@ class Conv2d(_Affine):
         JVP      ``y_dot = D (conv(v, W) + conv(x, dW) + db)``
         Jacobian ``J = D M`` with ``M`` the explicit operator matrix (:func:`refnet.conv.conv_matrix`)
         mask     ``dL/dc = (sum_{b,p} (D g)^T cols) * W`` reshaped, ``dL/dc_b = sum (D g) * b``
+        R-op     ``R{h} = D (conv(R{x}, W) + conv(x, V_W) + V_b)`` and its adjoint pass, as Dense with
+                 ``cols`` and ``im2col(R{x})`` for ``x`` and ``R{x}``   (:meth:`rop_forward`, :meth:`rop_backward`)
     """
 
     c_in: int
@@ -562,6 +794,102 @@ class Conv2d(_Affine):
         x = cache["x"]
         M = _conv.conv_matrix(_masked(params, mask, "W"), x.shape[1:], self.stride, self.padding, self.padding_mode)
         return _rows(cache["D"])[:, :, None] * M[None]  # (B, n_out, n_in): J = D M
+
+    def _to_nchw(self, hp, shape):
+        """``(B, P, c_out)`` (im2col rows) to ``shape`` ``(B, c_out, Ho, Wo)``."""
+        return np.ascontiguousarray(hp.transpose(0, 2, 1)).reshape(shape)
+
+    def rop_forward(self, params, cache, x_dot, mask=None, dparams=None):
+        """``R{h} = conv(R{x}, c W) + conv(x, c V_W) + c_b V_b`` (im2col: ``im2col(R{x}) W_f^T +
+        cols V_f^T``) and ``R{y} = D R{h}`` (see :meth:`Layer.rop_forward`)."""
+        cols_dot = hp = None
+        if x_dot is not None:
+            cols_dot = _conv.im2col(x_dot, *self._geom())  # (B, P, K): im2col(R{x})
+            hp = cols_dot @ _masked(params, mask, "W").reshape(self.c_out, -1).T  # (B, P, c_out)
+        if dparams is not None and "W" in dparams:
+            t = cache["cols"] @ _masked(dparams, mask, "W").reshape(self.c_out, -1).T  # (B, P, c_out)
+            hp = t if hp is None else hp + t
+        if self.bias and dparams is not None and "b" in dparams:
+            vb = _masked(dparams, mask, "b")  # (c_out,)
+            hp = np.zeros(cache["cols"].shape[:2] + (self.c_out,), dtype=cache["h"].dtype) + vb if hp is None else hp + vb
+        if hp is None:
+            return None, {"x_dot": None, "h_dot": None, "cols_dot": None}
+        h_dot = self._to_nchw(hp, cache["h"].shape)  # (B, c_out, Ho, Wo)
+        return cache["D"] * h_dot, {"x_dot": x_dot, "h_dot": h_dot, "cols_dot": cols_dot}
+
+    def rop_backward(self, params, cache, rcache, g, g_dot, mask=None, dparams=None, input_grad=True, param_grads=True):
+        """``g_h = D g``, ``R{g_h} = D R{g} + phi''(h) g R{h}``;
+        ``R{dL/dW_f} = c (sum_{b,p} R{g_h}^T cols + g_h^T im2col(R{x}))``, ``R{dL/db} = c_b sum R{g_h}``,
+        ``R{dL/dx} = col2im(R{g_h}^T W_f + g_h^T V_f)`` (see :meth:`Layer.rop_backward`)."""
+        x, cols = cache["x"], cache["cols"]
+        B = x.shape[0]
+        gh = g * cache["D"]  # (B, c_out, Ho, Wo): dL/dh
+        gh_dot = g_dot * cache["D"]
+        if rcache["h_dot"] is not None:
+            r = self._residual(cache, g, rcache["h_dot"])
+            if r is not None:
+                gh_dot = gh_dot + r  # + phi''(h) g R{h}
+        gh = gh.reshape(B, self.c_out, -1)  # (B, c_out, P)
+        gh_dot = gh_dot.reshape(B, self.c_out, -1)
+        shape = params["W"].shape
+        gW_dot = np.einsum("bop,bpk->ok", gh_dot, cols, optimize=True)  # (c_out, K)
+        if rcache["cols_dot"] is not None:
+            gW_dot = gW_dot + np.einsum("bop,bpk->ok", gh, rcache["cols_dot"], optimize=True)
+        grads = {}
+        if param_grads:
+            grads["W"] = _mask_grad(np.einsum("bop,bpk->ok", gh, cols, optimize=True).reshape(shape), mask, "W")
+        hv = {"W": _mask_grad(gW_dot.reshape(shape), mask, "W")}
+        if self.bias:
+            if param_grads:
+                grads["b"] = _mask_grad(gh.sum(axis=(0, 2)), mask, "b")
+            hv["b"] = _mask_grad(gh_dot.sum(axis=(0, 2)), mask, "b")
+        if not input_grad:
+            return None, None, grads, hv
+        Wf = _masked(params, mask, "W").reshape(self.c_out, -1)  # (c_out, K)
+        g_x = _conv.col2im(gh.transpose(0, 2, 1) @ Wf, x.shape, *self._geom())
+        g_cols_dot = gh_dot.transpose(0, 2, 1) @ Wf  # (B, P, K)
+        if dparams is not None and "W" in dparams:
+            g_cols_dot = g_cols_dot + gh.transpose(0, 2, 1) @ _masked(dparams, mask, "W").reshape(self.c_out, -1)
+        return g_x, _conv.col2im(g_cols_dot, x.shape, *self._geom()), grads, hv
+
+    def hessian_diag_backward(self, params, cache, Q, coef, g=None, mask=None, input_rows=True):
+        """Rows ``M = Q * D`` of ``d^2L/dh^2`` (plus the diagonal residual ``phi''(h) g``). The
+        weight diagonal is ``sum_{b,r} coef (M_{b,r} cols_b)^2`` (each row's own weight gradient,
+        squared; in chunks of rows) plus ``sum_{b,p} r_{b,o,p} cols_{b,p,k}^2`` for the residual;
+        rows for the input go through the explicit operator ``M_op``
+        (:func:`refnet.conv.conv_matrix`, ``h = M_op x``): ``M M_op`` and ``sqrt|r_a| (M_op)_a``
+        (see :meth:`Layer.hessian_diag_backward`)."""
+        x, cols = cache["x"], cache["cols"]
+        B, r, _ = Q.shape
+        P, K = cols.shape[1], cols.shape[2]
+        M = Q * _rows(cache["D"])[:, None, :]  # (B, r, c_out P): rows of D (d2L/dy2) D
+        dWf = np.zeros((self.c_out, K), dtype=Q.dtype)
+        for j0, j1 in self._chunks(B, r, self.c_out * K):
+            Gr = M[:, j0:j1].reshape(B, (j1 - j0) * self.c_out, P) @ cols  # (B, c c_out, K): per-row dL/dW_f
+            Gr = Gr.reshape(B, j1 - j0, self.c_out, K)
+            dWf += np.einsum("br,brok->ok", coef[:, j0:j1], Gr * Gr)
+        S = M.reshape(B, r, self.c_out, P).sum(axis=3)  # (B, r, c_out): per-row dL/db
+        db = np.einsum("br,bro->o", coef, S * S)
+        res = None if g is None else self._residual(cache, g)  # (B, c_out, Ho, Wo)
+        if res is not None:
+            rf = res.reshape(B, self.c_out, P)
+            dWf += np.einsum("bop,bpk->ok", rf, cols * cols)
+            db = db + rf.sum(axis=(0, 2))
+        diag = {"W": _mask_grad(dWf.reshape(params["W"].shape), mask, "W")}
+        if self.bias:
+            diag["b"] = _mask_grad(db, mask, "b")
+        if not input_rows:
+            return None, None, diag
+        Mop = _conv.conv_matrix(_masked(params, mask, "W"), x.shape[1:], self.stride, self.padding, self.padding_mode)
+        Q_in = (M.reshape(B * r, -1) @ Mop).reshape(B, r, Mop.shape[1])  # (B, r, N_in)
+        if res is not None:
+            res = _rows(res)  # (B, c_out P)
+            units = np.flatnonzero(np.any(res != 0, axis=0))
+            if units.size:
+                rows = np.sqrt(np.abs(res[:, units]))[:, :, None] * Mop[units][None]  # (B, u, N_in)
+                Q_in = np.concatenate([Q_in, rows], axis=1)
+                coef = np.concatenate([coef, np.sign(res[:, units])], axis=1)
+        return Q_in, coef, diag
 
 
 # ============================================================================================

@@ -14,6 +14,18 @@ softmax cross-entropy
 mean squared error (PyTorch's ``MSELoss(reduction="mean")``: a mean over every element)
     .. math:: L = \frac{1}{B C} \sum_{ij} (z_{ij} - t_{ij})^2, \qquad
               \varepsilon = \frac{2}{B C} (z - t).
+
+Second order (for :mod:`refnet.second_order`). The Hessian of the mean loss with respect to ``z``
+is block-diagonal over examples; with ``s_i = sum_j t_ij`` and ``p_i = softmax(z_i)``
+
+.. math:: \frac{\partial^2 L}{\partial z_i^2} = \frac{s_i}{B}\big(\operatorname{diag} p_i - p_i p_i^T\big)
+          \ \text{(cross-entropy)}, \qquad \frac{\partial^2 L}{\partial z_i^2} = \frac{2}{BC} I
+          \ \text{(mse)}.
+
+:func:`output_hvp` multiplies it with a tangent ``u`` (``(B, C)``), :func:`output_hessian` forms the
+``(B, C, C)`` blocks, and :func:`output_hessian_factor` gives a factor
+``H_i = coef_i A_i^T A_i``: ``A_i = diag(sqrt p_i) (I - 1 p_i^T)`` for cross-entropy (since
+``sum_j p_ij = 1``, ``A^T A = diag p - 2 p p^T + p p^T``) and ``A_i = I`` for mse.
 """
 
 from __future__ import annotations
@@ -24,7 +36,22 @@ import numpy as np
 
 from ._checks import check_array, check_labels
 
-__all__ = ["cross_entropy", "mse", "get_loss", "log_softmax", "softmax", "LOSSES"]
+__all__ = [
+    "cross_entropy",
+    "mse",
+    "get_loss",
+    "log_softmax",
+    "softmax",
+    "LOSSES",
+    "loss_name",
+    "cross_entropy_hvp",
+    "mse_hvp",
+    "cross_entropy_hessian_factor",
+    "mse_hessian_factor",
+    "output_hvp",
+    "output_hessian_factor",
+    "output_hessian",
+]
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -100,6 +127,75 @@ def mse(z, y) -> tuple[float, np.ndarray]:
     return float(np.sum(r * r)) / n, (2.0 / n) * r
 
 
+def cross_entropy_hvp(z, y, u) -> np.ndarray:
+    r"""``(d^2L/dz^2) u`` for the mean softmax cross-entropy (:func:`cross_entropy`).
+
+    Differentiating ``eps_i = (s_i p_i - t_i)/B`` once more (``dp/dz = diag p - p p^T``):
+
+    .. math:: (H u)_i = \frac{s_i}{B}\big(p_i \odot u_i - p_i\,(p_i \cdot u_i)\big),
+              \qquad s_i = \textstyle\sum_j t_{ij}.
+
+    Parameters
+    ----------
+    z : ndarray, shape (B, C)
+        Logits.
+    y : ndarray, shape (B,) int, or (B, C) float
+        Labels or targets, as in :func:`cross_entropy`.
+    u : ndarray, shape (B, C)
+        A tangent of the logits.
+
+    Returns
+    -------
+    ndarray, shape (B, C)
+    """
+    z = _check_output(z)
+    t = _targets(z, y)
+    u = check_array(u, "u", shape=z.shape)
+    p = softmax(z)  # (B, C)
+    s = t.sum(axis=1, keepdims=True) / z.shape[0]  # (B, 1): s_i / B
+    return s * (p * u - p * np.sum(p * u, axis=1, keepdims=True))
+
+
+def mse_hvp(z, y, u) -> np.ndarray:
+    """``(d^2L/dz^2) u = (2 / (B C)) u`` for the mean squared error (:func:`mse`); shapes as in
+    :func:`cross_entropy_hvp`."""
+    z = _check_output(z)
+    _targets(z, y)
+    u = check_array(u, "u", shape=z.shape)
+    return (2.0 / z.size) * u
+
+
+def cross_entropy_hessian_factor(z, y) -> tuple[np.ndarray, np.ndarray]:
+    r"""A factor of the cross-entropy's per-example output Hessian: ``H_i = coef_i A_i^T A_i``.
+
+    ``A_i = diag(sqrt p_i) (I - 1 p_i^T)``: row ``a`` is ``sqrt(p_ia) (e_a - p_i)``, and
+    ``coef_i = s_i / B`` (negative only for targets with a negative row sum).
+
+    Returns
+    -------
+    A : ndarray, shape (B, C, C)
+    coef : ndarray, shape (B, C)
+        ``coef_i`` repeated for every row of ``A_i``.
+    """
+    z = _check_output(z)
+    t = _targets(z, y)
+    B, C = z.shape
+    p = softmax(z)  # (B, C)
+    A = np.sqrt(p)[:, :, None] * (np.eye(C, dtype=z.dtype)[None] - p[:, None, :])  # (B, C, C)
+    coef = np.repeat(t.sum(axis=1, keepdims=True) / B, C, axis=1)  # (B, C)
+    return A, coef
+
+
+def mse_hessian_factor(z, y) -> tuple[np.ndarray, np.ndarray]:
+    """The factor ``A_i = I``, ``coef = 2 / (B C)`` of the mean squared error's output Hessian
+    (see :func:`cross_entropy_hessian_factor`)."""
+    z = _check_output(z)
+    _targets(z, y)
+    B, C = z.shape
+    A = np.broadcast_to(np.eye(C, dtype=z.dtype), (B, C, C)).copy()
+    return A, np.full((B, C), 2.0 / z.size, dtype=z.dtype)
+
+
 LOSSES: dict[str, Callable] = {"cross_entropy": cross_entropy, "mse": mse}
 _ALIASES = {"ce": "cross_entropy", "xent": "cross_entropy", "mean_squared_error": "mse"}
 
@@ -119,3 +215,45 @@ def get_loss(loss) -> Callable:
     if key not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     return LOSSES[key]
+
+
+#: name -> (output Hessian-vector product, output Hessian factor)
+OUTPUT_HESSIANS: dict[str, tuple[Callable, Callable]] = {
+    "cross_entropy": (cross_entropy_hvp, cross_entropy_hessian_factor),
+    "mse": (mse_hvp, mse_hessian_factor),
+}
+
+
+def loss_name(loss) -> str:
+    """The canonical name ("cross_entropy" or "mse") of a loss name, alias, or one of the
+    functions :data:`LOSSES` holds; ValueError for anything else (a custom callable has no
+    second derivative refnet knows)."""
+    if callable(loss):
+        for key, fn in LOSSES.items():
+            if loss is fn:
+                return key
+        raise ValueError(
+            f"loss must be one of {sorted(LOSSES)} for second-order products (their output Hessians are "
+            f"derived here), got the callable {getattr(loss, '__name__', loss)!r}"
+        )
+    get_loss(loss)
+    key = loss.lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
+def output_hvp(loss, z, y, u) -> np.ndarray:
+    """``(d^2L/dz^2) u`` of the mean loss named ``loss`` (:func:`cross_entropy_hvp`,
+    :func:`mse_hvp`); ``z``, ``u`` are ``(B, C)``."""
+    return OUTPUT_HESSIANS[loss_name(loss)][0](z, y, u)
+
+
+def output_hessian_factor(loss, z, y) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, coef)`` with ``d^2L/dz_i^2 = sum_r coef[i, r] A[i, r] A[i, r]^T``: ``A`` ``(B, R, C)``,
+    ``coef`` ``(B, R)`` (:func:`cross_entropy_hessian_factor`, :func:`mse_hessian_factor`)."""
+    return OUTPUT_HESSIANS[loss_name(loss)][1](z, y)
+
+
+def output_hessian(loss, z, y) -> np.ndarray:
+    """The per-example output Hessians ``d^2L/dz_i^2`` of the mean loss, ``(B, C, C)``."""
+    A, coef = output_hessian_factor(loss, z, y)
+    return np.einsum("br,bri,brj->bij", coef, A, A)
