@@ -122,7 +122,7 @@ def test_conv_vjp_many_chunks_give_the_same_bits(monkeypatch, chunk):
     params, mask, x, y, cache = _setup(layer, (2, 6, 5), True, rng, 3)
     U = rng.standard_normal((3, 7, y[0].size))
     want = L.Layer.vjp_many(layer, params, cache, U, mask)
-    monkeypatch.setattr(L, "STACK_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(L.conv2d, "STACK_CHUNK_ELEMENTS", chunk)
     np.testing.assert_array_equal(layer.vjp_many(params, cache, U, mask), want)
     # an identity stack, as jacobians.jacobian sends it (a read-only broadcast view)
     E = np.broadcast_to(np.eye(y[0].size), (3, y[0].size, y[0].size))
