@@ -69,14 +69,13 @@ DeprecationWarning.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 import time
-import warnings
 
 import numpy as np
 
+from ._compat import moved_names
 from ._checks import check_array, check_choice, check_float, check_int
 from .network import Network, check_net
 from .progress import Progress, progress_target
@@ -642,23 +641,10 @@ def format_isometry_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-
 # ============================================================================================
 # Names that moved to refnet.neuron_pruning
 # ============================================================================================
 
-_MOVED = ("DEFAULT_GAINS", "activation_gain", "orthp", "l1_neuron_prune")
-
-
-def __getattr__(name: str):
-    """``refnet.isometry.orthp`` (and the other names of :data:`_MOVED`): the object of
-    :mod:`refnet.neuron_pruning`, with a DeprecationWarning. Looked up lazily because
-    ``neuron_pruning`` imports this module."""
-    if name in _MOVED:
-        warnings.warn(
-            f"refnet.isometry.{name} moved to refnet.neuron_pruning.{name}; the old name will be removed",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(".neuron_pruning", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: moved to refnet.neuron_pruning (which imports this module, hence the lazy lookup)
+__getattr__ = moved_names(__name__, {name: "refnet.neuron_pruning" for name in
+                                     ("DEFAULT_GAINS", "activation_gain", "orthp", "l1_neuron_prune")})

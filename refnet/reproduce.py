@@ -6,17 +6,8 @@ The old names (``add_arguments``, ``run``, ``write_summary``) still work: they w
 
 from __future__ import annotations
 
+from ._compat import moved_names
+
 __all__: list[str] = []
 
-_MOVED = ("add_arguments", "run", "write_summary")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import warnings
-
-        from .cli import reproduce
-
-        warnings.warn(f"refnet.reproduce.{name} is deprecated; use refnet.cli.reproduce.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(reproduce, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, {"add_arguments": "refnet.cli.reproduce", "run": "refnet.cli.reproduce", "write_summary": "refnet.cli.reproduce"})

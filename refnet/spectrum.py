@@ -42,6 +42,7 @@ from . import kernels
 from ._checks import check_float, check_int
 from .jacobians import check_range, jacobian
 from .network import Network, check_net
+from ._compat import moved_names
 from .progress import Progress, progress_target
 
 __all__ = [
@@ -354,16 +355,5 @@ def format_stats(stats: dict, title: str | None = None) -> str:
 # the `refnet spectrum` command moved to refnet.cli.spectrum: the old names warn and forward
 # ============================================================================================
 
-_MOVED_TO_CLI = {"add_spectrum_arguments": "add_arguments", "run_spectrum": "run"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_CLI:
-        import warnings
-
-        from .cli import spectrum as cli_spectrum
-
-        new = _MOVED_TO_CLI[name]
-        warnings.warn(f"refnet.spectrum.{name} is deprecated; use refnet.cli.spectrum.{new}", DeprecationWarning, stacklevel=2)
-        return getattr(cli_spectrum, new)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, {"add_spectrum_arguments": "refnet.cli.spectrum:add_arguments",
+                                     "run_spectrum": "refnet.cli.spectrum:run"})
