@@ -80,3 +80,28 @@ def print_table(rows, ref_key: str = "refnet") -> None:
         for r in rs:
             ratio = f"{r['seconds'] / ref:8.2f}x refnet" if ref else ""
             print(f"  {r['impl']:<28} {r['seconds'] * 1e3:10.3f} ms  {ratio}")
+
+
+def suite_main(prog: str, description: str, run, argv=None, summary=None) -> int:
+    """The ``main`` of a benchmark suite module: ``--quick`` and ``--out``, the environment line,
+    ``run(quick)``'s table, then ``summary(rows)`` (a dict of extra results, printed and saved)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    settle_allocator()
+    info = blas_info()
+    print("environment:", {k: v for k, v in info.items() if k != "threadpools"})
+    rows = run(args.quick)
+    print_table(rows)
+    extra = summary(rows) if summary is not None else {}
+    for key, values in extra.items():
+        print(f"\n{key}:")
+        for name, r in values.items():
+            print(f"  {name:<40} {r:6.2f}")
+    if args.out:
+        write_json(args.out, {"environment": info, "results": rows, **extra})
+    return 0
+

@@ -19,7 +19,7 @@ import refnet as rn
 from refnet import kernels
 from refnet.jacobians import jacobian
 
-from .common import print_table
+from .common import suite_main
 from .kernels import jax_or_none, pin_one_core, time_call, torch_or_none
 
 CASES = {
@@ -97,22 +97,7 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from .common import blas_info, settle_allocator, write_json
-
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.jacobian", description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    settle_allocator()
-    info = blas_info()
-    print("environment:", {k: v for k, v in info.items() if k != "threadpools"})
-    rows = run(args.quick)
-    print_table(rows)
-    if args.out:
-        write_json(args.out, {"environment": info, "results": rows})
-    return 0
+    return suite_main("python -m benchmarks.jacobian", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 import refnet as rn
 from refnet import second_order as so
 
-from .common import print_table
+from .common import suite_main
 from .kernels import jax_or_none, pin_one_core, torch_or_none
 
 SIZES = [784] + [100] * 6 + [10]
@@ -142,25 +142,8 @@ def ratios(rows) -> dict:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from .common import blas_info, settle_allocator, write_json
-
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.second_order", description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    settle_allocator()
-    info = blas_info()
-    print("environment:", {k: v for k, v in info.items() if k != "threadpools"})
-    rows = run(args.quick)
-    print_table(rows)
-    print("\nrefnet hvp time / other time:")
-    for name, r in ratios(rows).items():
-        print(f"  {name:<40} {r:6.2f}")
-    if args.out:
-        write_json(args.out, {"environment": info, "results": rows, "ratios": ratios(rows)})
-    return 0
+    return suite_main("python -m benchmarks.second_order", __doc__, run, argv,
+                      summary=lambda rows: {"ratios": ratios(rows)})  # refnet hvp time / other time
 
 
 if __name__ == "__main__":
