@@ -683,7 +683,7 @@ def _pooled(A, full_matrices=None):
 
     def work(lo, hi):
         if full_matrices is None:
-            outs[0][lo:hi] = np.linalg.svd(flat[lo:hi], compute_uv=False)
+            outs[0][lo:hi] = _svdvals_block(flat[lo:hi])
         else:
             for out, part in zip(outs, np.linalg.svd(flat[lo:hi], full_matrices=full_matrices)):
                 out[lo:hi] = part
@@ -692,12 +692,38 @@ def _pooled(A, full_matrices=None):
     return tuple(o.reshape(batch + o.shape[1:]) for o in outs)
 
 
+#: a side at least this many times the other is reduced by a QR of the stack first
+SVD_REDUCE_RATIO = 2
+
+
+def _svdvals_block(A):
+    r"""Singular values of a float stack ``(c, m, n)``. A wide (``n >= 2m``) or tall (``m >= 2n``)
+    stack is first reduced to the square ``R`` of ``A^T = Q R`` (``A = Q R``): ``A`` and ``R``
+    have the same singular values (``Q`` has orthonormal columns) and Householder QR is
+    backward stable, so the values keep gesdd's accuracy (checked against the oracle to
+    1e-13 of the largest), while one batched QR and gesdd on ``k x k`` matrices cost half of
+    gesdd on the full stack (1,000 Jacobians 10 x 784: 43 against 95 ms, one thread)."""
+    m, n = A.shape[-2:]
+    k = min(m, n)
+    if k >= 1 and max(m, n) >= SVD_REDUCE_RATIO * k:
+        A = np.linalg.qr(A.swapaxes(-1, -2) if n > m else A, mode="r")  # (c, k, k)
+    return np.linalg.svd(A, compute_uv=False)
+
+
 def batched_svdvals(A):
-    """Singular values of a stack ``(..., m, n)``, descending: LAPACK gesdd per matrix, the
-    stack split over Numba's thread count in a pool of Python threads."""
+    """Singular values of a stack ``(..., m, n)``, descending: LAPACK gesdd per matrix (after a
+    batched QR of a wide or tall stack, :func:`_svdvals_block`), the stack split over Numba's
+    thread count in a pool of Python threads."""
     A = _np_engine.check_stack(np.asarray(A))
     out = _pooled(A)
-    return _np_engine.batched_svdvals(A) if out is None else out[0]
+    if out is not None:
+        return out[0]
+    if A.size == 0 or _svd_dtype(A.dtype) is None or A.ndim < 3:
+        return _np_engine.batched_svdvals(A)
+    flat = A.reshape((-1,) + A.shape[-2:])
+    if flat.dtype.kind in "biu":
+        flat = flat.astype(np.float64)  # what np.linalg.svd computes them in
+    return _svdvals_block(flat).reshape(A.shape[:-2] + (min(A.shape[-2:]),))
 
 
 def batched_svd(A, full_matrices: bool = False):

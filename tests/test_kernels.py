@@ -590,6 +590,9 @@ def test_auto_choices_for_other_kernels(monkeypatch):
     monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
     assert kernels.resolve_engine("batched_svdvals", A) == "numpy"  # one thread: nothing to gain
     assert kernels.resolve_engine("batched_svdvals", np.zeros((1, 20, 20))) == "numpy"
+    wide = np.zeros((10, 10, 784))  # one thread still gains: a batched QR first
+    assert kernels.resolve_engine("batched_svdvals", wide) == ("numba" if HAVE_NUMBA else "numpy")
+    assert kernels.resolve_engine("batched_svd", wide) == "numpy"
     assert kernels.resolve_engine("batched_matmul", A, A) == "numpy"  # one thread
     expect = "numba" if HAVE_NUMBA else "numpy"
     assert kernels.resolve_engine("isometry_step", W, mask) == expect
@@ -799,3 +802,27 @@ def _check_cupy_engine(cp, dtype, method):
     for k in (1, 500, 5000):
         assert kernels.kth_largest(s, k, engine="cupy") == np.partition(s, s.size - k)[s.size - k]
         assert float(kernels.kth_largest(cp.asarray(s), k)) == np.partition(s, s.size - k)[s.size - k]
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("shape", [(30, 10, 784), (12, 90, 9), (5, 8, 16), (2, 3, 7, 3), (4, 9, 8), (6, 1, 12), (3, 12, 1)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.complex128, np.int64])
+def test_numba_svdvals_one_thread_reduces_lopsided_stacks_exactly_enough(shape, dtype, monkeypatch):
+    # the one-thread path (no pool) of the Numba engine: a wide or tall stack goes through a
+    # batched QR first; the values equal the oracle's to 1e-13 of the largest (float64), with
+    # the oracle's dtype, for real, complex and integer stacks (planted bug seen failing:
+    # decomposing the leading k x k block instead of the QR factor)
+    from refnet.kernels import numba_engine
+
+    monkeypatch.setattr(numba_engine, "_workers", lambda: 1)
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal(shape)
+    if dtype == np.complex128:
+        A = A + 1j * rng.standard_normal(shape)
+    A = (10 * A).astype(dtype) if dtype == np.int64 else A.astype(dtype)
+    ref = numpy_engine.batched_svdvals(A)
+    got = numba_engine.batched_svdvals(A)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    assert (np.abs(got - ref) <= tol * ref.max(axis=-1, keepdims=True)).all()
+
