@@ -264,8 +264,13 @@ def test_conversion_argument_errors():
     # planted bug seen failing: forward hooks on a module not refused
     with pytest.raises(ValueError, match=r"in_shape is required.*Conv2d.*\(1, 28, 28\)"):
         audit.from_torch(nn.Sequential(nn.Conv2d(1, 2, 3)))
-    with pytest.raises(TypeError, match="torch.nn.Sequential"):
-        audit.from_torch(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match=r"torch.nn.Module, got function"):
+        audit.from_torch(lambda x: x)
+    # any traceable module converts now (graph import), a bare Linear included
+    lin3 = nn.Linear(3, 3)
+    net = audit.from_torch(lin3)
+    assert [type(l).__name__ for l in net.layers] == ["Dense"]
+    assert np.array_equal(net.params[0]["W"], lin3.weight.detach().double().numpy())
     with pytest.raises(ValueError, match="does not fit in_shape"):
         audit.from_torch(nn.Sequential(nn.Linear(4, 4)), (5,))
     lin = nn.Linear(4, 4)
@@ -557,3 +562,30 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys):
         assert main(argv + ["--out", str(tmp_path / "o")]) == 2, argv
         err = capsys.readouterr().err
         assert "refnet: error:" in err and msg in err, (argv, err)
+
+
+@needs_torch
+def test_state_dict_into_any_module_and_arch_alias(tmp_path, capsys):
+    # planted bug seen failing: load_torch_state not casting the module to the state dict's dtype
+    from refnet.cli import main
+
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    prune.l1_unstructured(src[0], "weight", amount=0.5)
+    path = tmp_path / "sd.pt"
+    torch.save(src.state_dict(), path)
+    dst = audit.load_torch_state(nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 4)), path)
+    assert dst[0].weight_orig.dtype == torch.float64 and torch.equal(dst[0].weight_mask, src[0].weight_mask)
+    net = audit.from_torch(dst)
+    assert net.masks[0]["W"].sum() == 80 and np.array_equal(net.params[0]["W"], src[0].weight_orig.detach().numpy())
+    with pytest.raises(ValueError, match=r"does not fit the module \(Sequential\)"):
+        audit.load_torch_state(nn.Sequential(nn.Linear(20, 9)), path)
+    # the sources of a Sequential keep their form (module index and class per refnet layer)
+    report = audit.compare_torch(dst, np.random.default_rng(0).standard_normal((3, 20)), np.array([0, 1, 3]), jacobian=False)
+    assert report.passed and report.get("act/0").source == "torch [0] Linear + [1] Tanh"
+    # a bare state dict plus --arch (an alias of --torch-arch)
+    sd = tmp_path / "arch.pt"
+    torch.save(audit.torch_from_arch("mlp-2-relu-w4", (20,), 4).state_dict(), sd)
+    assert main(["audit", "--torch", str(sd), "--arch", "mlp-2-relu-w4", "--data", "synthetic", "--n", "5",
+                 "--no-jacobian", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert "PASSED" in capsys.readouterr().out

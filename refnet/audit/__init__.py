@@ -39,16 +39,25 @@ with respect to ``weight_orig`` is ``mask * dL/dW_eff`` -- exactly refnet's mask
 two are compared directly (likewise ``bias_orig`` / ``bias_mask``). The connection sensitivity is
 ``|weight_orig.grad * weight_orig|``, zero on pruned entries as in :mod:`refnet.pruning`.
 
-Entry points: :func:`from_torch`, :func:`compare_torch`, :func:`to_torch`; :func:`from_jax`,
-:func:`compare_jax`, :func:`jax_apply`; :func:`from_flax`, :func:`compare_flax`;
-:func:`compare_npz`, :func:`write_npz`; the ``refnet audit`` command (:mod:`refnet.cli.audit`).
-Conventions and file formats are in docs/audit.md.
+Importing a model is faithful or refused: :func:`from_torch` traces what the module's ``forward``
+really computes with torch.fx and :func:`from_onnx` follows the ONNX graph, map every node, and
+check on a probe batch, node by node, that the refnet network reproduces the model before anything
+is audited; what they cannot reproduce (hooks, untraceable code, unsupported operations) is a
+ValueError naming the module or node.
+
+Entry points: :func:`from_torch`, :func:`compare_torch`, :func:`to_torch`; :func:`from_onnx`,
+:func:`compare_onnx`; :func:`from_jax`, :func:`compare_jax`, :func:`jax_apply`; :func:`from_flax`,
+:func:`compare_flax`; :func:`compare_npz`, :func:`write_npz`; the ``refnet audit`` command
+(:mod:`refnet.cli.audit`). Conventions and file formats are in docs/audit.md.
 
 One module per job: :mod:`~refnet.audit.report` (:class:`Check`, :class:`AuditReport`),
 :mod:`~refnet.audit.reference` (the float64 reference, its comparison with a framework's run and
-the tolerances), :mod:`~refnet.audit.torch`, :mod:`~refnet.audit.jax`, :mod:`~refnet.audit.flax`,
-:mod:`~refnet.audit.npz`, and :mod:`~refnet.audit.names` (the one table of activation names the
-converters share). torch, jax and flax are imported only by the functions that need them.
+the tolerances), :mod:`~refnet.audit.graph` (graph nodes -> refnet layers and the probe
+comparison, shared by the graph importers), :mod:`~refnet.audit.fx` (the PyTorch graph importer),
+:mod:`~refnet.audit.torch`, :mod:`~refnet.audit.onnx`, :mod:`~refnet.audit.jax`,
+:mod:`~refnet.audit.flax`, :mod:`~refnet.audit.npz`, and :mod:`~refnet.audit.names` (the one table
+of activation names the converters share). torch, onnx, onnxruntime, jax and flax are imported only
+by the functions that need them.
 """
 
 from __future__ import annotations
@@ -56,9 +65,18 @@ from __future__ import annotations
 from .flax import compare_flax, flax_flatten, flax_global_avg_pool, from_flax
 from .jax import compare_jax, from_jax, jax_apply
 from .npz import compare_npz, write_npz
+from .onnx import compare_onnx, from_onnx
 from .reference import AS_RUN_RTOL, DEFAULT_RTOL
 from .report import AuditReport, Check
-from .torch import compare_torch, from_torch, load_torch_checkpoint, save_torch_checkpoint, to_torch, torch_from_arch
+from .torch import (
+    compare_torch,
+    from_torch,
+    load_torch_checkpoint,
+    load_torch_state,
+    save_torch_checkpoint,
+    to_torch,
+    torch_from_arch,
+)
 
 __all__ = [
     "AS_RUN_RTOL",
@@ -68,14 +86,17 @@ __all__ = [
     "compare_flax",
     "compare_jax",
     "compare_npz",
+    "compare_onnx",
     "compare_torch",
     "flax_flatten",
     "flax_global_avg_pool",
     "from_flax",
     "from_jax",
+    "from_onnx",
     "from_torch",
     "jax_apply",
     "load_torch_checkpoint",
+    "load_torch_state",
     "save_torch_checkpoint",
     "to_torch",
     "torch_from_arch",

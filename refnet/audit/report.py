@@ -104,6 +104,9 @@ class AuditReport:
     checks: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    #: the exact float64 results that back the report (gradients, Jacobians, SNIP scores), where an
+    #: audit computes them beside the comparison (compare_onnx); not part of to_dict
+    reference: object = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:

@@ -1,4 +1,5 @@
-"""PyTorch: ``nn.Sequential`` <-> refnet Network (:func:`from_torch`, :func:`to_torch`,
+"""PyTorch: any traceable ``nn.Module`` -> refnet Network (:func:`from_torch`, by the graph importer
+:mod:`refnet.audit.fx`), refnet Network -> ``nn.Sequential`` (:func:`to_torch`,
 :func:`torch_from_arch`), the audit of a module (:func:`compare_torch`) and the checkpoint files
 ``refnet audit --torch`` reads (:func:`save_torch_checkpoint`, :func:`load_torch_checkpoint`).
 
@@ -6,24 +7,25 @@ Pruned PyTorch modules (``torch.nn.utils.prune``) carry ``weight_orig`` (a param
 ``weight_mask`` (a buffer) and compute ``weight = weight_orig * weight_mask``. refnet stores the
 same two arrays (``W``, ``mask``; the effective weight is ``mask * W``), and PyTorch's gradient
 with respect to ``weight_orig`` is ``mask * dL/dW_eff`` -- exactly refnet's masked gradient, so the
-two are compared directly (likewise ``bias_orig`` / ``bias_mask``).
+two are compared directly (likewise ``bias_orig`` / ``bias_mask``). A 0/1 buffer the forward
+multiplies into a parameter (``F.linear(x, self.weight * self.weight_mask, b)``) is the same
+convention: ``weight.grad = mask * dL/dW_eff``.
 
 torch is imported only inside the functions (``import refnet.audit`` does not import it).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from .._io import atomic_write
 from ..layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
 from ..network import Network
+from .fx import TorchGraph, convert_module, deepcopy_module, import_torch, node_values
 from .names import ACTIVATIONS
 from .reference import (
     DEFAULT_RTOL,
@@ -43,16 +45,19 @@ from .reference import (
 )
 from .report import AuditReport
 
-__all__ = ["compare_torch", "from_torch", "load_torch_checkpoint", "save_torch_checkpoint", "to_torch", "torch_from_arch"]
+__all__ = [
+    "compare_torch",
+    "from_torch",
+    "load_torch_checkpoint",
+    "load_torch_state",
+    "save_torch_checkpoint",
+    "to_torch",
+    "torch_from_arch",
+]
 
 
 def _torch():
-    try:
-        import torch
-        import torch.nn.utils.prune  # noqa: F401  (not imported by ``import torch``)
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the PyTorch audit needs torch: pip install 'refnet[torch]' (or pip install torch)") from exc
-    return torch
+    return import_torch()
 
 
 def _softplus_notes(ref: Reference, threshold: float = 20.0) -> list:
@@ -74,288 +79,33 @@ def _softplus_notes(ref: Reference, threshold: float = 20.0) -> list:
     return notes
 
 
-def _torch_activation(m, nn):
-    """(name, params) of a supported activation module (by :data:`refnet.audit.names.ACTIVATIONS`),
-    None for a non-activation, or a ValueError (returned) for a setting refnet does not model."""
-    for row in ACTIVATIONS.values():
-        if row.torch is None or not isinstance(m, getattr(nn, row.torch)):
-            continue
-        if isinstance(m, tuple(getattr(nn, c) for c in row.torch_not)):
-            continue
-        if any(float(getattr(m, attr)) != value for attr, value in row.torch_fixed):
-            fixed = ", ".join(f"{attr}={value:g}" for attr, value in row.torch_fixed)
-            return ValueError(f"{row.torch} is supported only with {fixed} ({row.torch_fixed_why})")
-        return row.name, {p: float(getattr(m, attr)) for p, attr in row.torch_params}
-    return None
-
-
-_TORCH_SUPPORTED = (
-    "Linear; Conv2d (groups=1, dilation=1, padding int/pair/'valid'/'same' with odd kernels, padding_mode zeros or "
-    "circular); activations Tanh, ReLU, LeakyReLU, SELU, ELU, Sigmoid, Hardtanh(-1, 1), Softplus(beta=1), each "
-    "right after a Linear or Conv2d; Identity; AvgPool2d and MaxPool2d (stride = kernel, square kernel, no padding, "
-    "ceil_mode False, dilation 1); AdaptiveAvgPool2d(1) followed by Flatten (global average pooling); Flatten "
-    "(start_dim=1, end_dim=-1); nested nn.Sequential"
-)
-
-
-def _torch_flat_modules(module) -> list:
-    torch = _torch()
-    nn = torch.nn
-    if not isinstance(module, nn.Sequential):
-        raise TypeError(
-            f"module must be a torch.nn.Sequential (nested Sequentials are flattened), got {type(module).__name__}; "
-            f"supported children: {_TORCH_SUPPORTED}"
-        )
-    out = []
-
-    def walk(m, prefix):
-        if type(m).forward is not nn.Sequential.forward:
-            raise ValueError(f"module {prefix or '<root>'!r} ({type(m).__name__}) overrides Sequential.forward; "
-                             "only plain nn.Sequential containers can be converted")
-        for name, child in m.named_children():
-            q = f"{prefix}{name}"
-            if isinstance(child, nn.Sequential):
-                walk(child, q + ".")
-            else:
-                out.append((q, child))
-
-    walk(module, "")
-    if not out:
-        raise ValueError("module is an empty nn.Sequential")
-    return out
-
-
-def _pair_of(v, what, where):
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) == 1:
-        return (int(v[0]), int(v[0]))
-    if len(v) != 2:
-        raise ValueError(f"{where}: {what} {v!r} is not a pair")
-    return (int(v[0]), int(v[1]))
-
-
-def _torch_pruned(m, name: str, where: str):
-    """(param, mask or None) of ``m.<name>``: ``<name>_orig`` and ``<name>_mask`` when pruned."""
-    torch = _torch()
-    prune = torch.nn.utils.prune
-    orig = getattr(m, name + "_orig", None)
-    if orig is not None and isinstance(orig, torch.nn.Parameter):
-        mask = getattr(m, name + "_mask", None)
-        hooks = [h for h in m._forward_pre_hooks.values()
-                 if isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == name]
-        if mask is None or not hooks:
-            raise ValueError(f"{where}: has {name}_orig but no torch.nn.utils.prune mask/hook for it ({name}_mask); "
-                             "only torch.nn.utils.prune reparametrisations are supported")
-        return orig, mask
-    return getattr(m, name, None), None
-
-
-def _torch_check_plain(m, where: str) -> None:
-    """Refuse hooks and parametrisations that refnet does not model."""
-    torch = _torch()
-    prune = torch.nn.utils.prune
-    if getattr(m, "parametrizations", None) is not None:
-        raise ValueError(f"{where}: parametrized weights (torch.nn.utils.parametrize) are not supported; "
-                         "remove the parametrization (parametrize.remove_parametrizations) first")
-    for h in m._forward_pre_hooks.values():
-        if not isinstance(h, prune.BasePruningMethod):
-            raise ValueError(f"{where}: has a forward pre-hook ({type(h).__name__ if not callable(h) else getattr(h, '__name__', type(h).__name__)}) "
-                             "refnet does not model; only torch.nn.utils.prune hooks are supported")
-    if m._forward_hooks:
-        raise ValueError(f"{where}: has forward hooks refnet does not model")
-    allowed = {"weight", "bias", "weight_orig", "bias_orig"}
-    extra = sorted(set(dict(m.named_parameters(recurse=False))) - allowed)
-    if extra:
-        raise ValueError(f"{where}: parameters {extra} are not supported (only weight and bias, possibly pruned)")
-
-
-@dataclass
-class _TorchLayout:
-    net: Network
-    groups: list  # per refnet layer: list of (qualified name, module) of the torch modules it covers
-    affine: list  # per refnet layer: qualified name of its Linear/Conv2d, or None
-    sources: list  # per refnet layer: a description "torch [q] Module + [q] Act"
-
-
-def _convert_torch(module, in_shape=None) -> _TorchLayout:
-    torch = _torch()
-    nn = torch.nn
-    items = _torch_flat_modules(module)
-    specs = []  # dicts: kind, kwargs, group, affine
-    skip = set()
-
-    def where(idx, q, m):
-        return f"module {idx} ({q!r}: {m!r})"
-
-    for idx, (q, m) in enumerate(items):
-        if idx in skip:
-            continue
-        w = where(idx, q, m)
-        if isinstance(m, nn.Identity):
-            if specs:
-                specs[-1]["group"].append((q, m))
-            continue
-        act = _torch_activation(m, nn)
-        if isinstance(act, ValueError):
-            raise ValueError(f"unsupported setting in {w}: {act}. Supported: {_TORCH_SUPPORTED}")
-        if act is not None:
-            prev = specs[-1] if specs else None
-            if prev is None or prev["kind"] not in ("dense", "conv"):
-                what = "it is the first module" if prev is None else f"it follows {prev['group'][-1][0]!r} ({type(prev['group'][-1][1]).__name__}), not a Linear or Conv2d"
-                raise ValueError(
-                    f"{w}: an activation must come right after a Linear or Conv2d ({what}); refnet fuses each "
-                    "activation into the affine layer before it (one layer = one W and its phi). Put the activation "
-                    "before the pooling (ReLU and max-pooling commute) or add an explicit Linear/Conv2d"
-                )
-            if prev["act"] is not None:
-                raise ValueError(
-                    f"{w}: a second activation after {prev['group'][0][0]!r}; refnet layers have one activation each "
-                    f"(already {prev['act'][0]})"
-                )
-            prev["act"] = act
-            prev["group"].append((q, m))
-            continue
-        if isinstance(m, nn.Linear):
-            _torch_check_plain(m, w)
-            specs.append({"kind": "dense", "kw": {"n_in": m.in_features, "n_out": m.out_features, "bias": m.bias is not None or hasattr(m, "bias_orig")},
-                          "group": [(q, m)], "affine": q, "act": None, "module": m})
-        elif isinstance(m, nn.Conv2d):
-            _torch_check_plain(m, w)
-            if m.groups != 1:
-                raise ValueError(f"unsupported setting in {w}: groups={m.groups} (only groups=1). Supported: {_TORCH_SUPPORTED}")
-            if tuple(m.dilation) != (1, 1):
-                raise ValueError(f"unsupported setting in {w}: dilation={m.dilation} (only 1). Supported: {_TORCH_SUPPORTED}")
-            if m.padding_mode not in ("zeros", "circular"):
-                raise ValueError(f"unsupported setting in {w}: padding_mode={m.padding_mode!r} (only 'zeros' or 'circular')")
-            k = _pair_of(m.kernel_size, "kernel_size", w)
-            if isinstance(m.padding, str):
-                if m.padding == "valid":
-                    pad = (0, 0)
-                else:  # 'same' (stride 1): total k - 1, split left = total // 2
-                    if k[0] % 2 == 0 or k[1] % 2 == 0:
-                        raise ValueError(f"unsupported setting in {w}: padding='same' with an even kernel {k} pads "
-                                         "asymmetrically, which refnet's Conv2d cannot represent")
-                    pad = ((k[0] - 1) // 2, (k[1] - 1) // 2)
-            else:
-                pad = _pair_of(m.padding, "padding", w)
-            specs.append({"kind": "conv", "kw": {"c_in": m.in_channels, "c_out": m.out_channels, "kernel_size": k,
-                                                  "stride": _pair_of(m.stride, "stride", w), "padding": pad,
-                                                  "padding_mode": m.padding_mode,
-                                                  "bias": m.bias is not None or hasattr(m, "bias_orig")},
-                          "group": [(q, m)], "affine": q, "act": None, "module": m})
-        elif isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)):
-            k = _pair_of(m.kernel_size, "kernel_size", w)
-            s = k if m.stride is None or (isinstance(m.stride, (tuple, list)) and len(m.stride) == 0) else _pair_of(m.stride, "stride", w)
-            pad = _pair_of(m.padding, "padding", w)
-            problems = []
-            if k[0] != k[1]:
-                problems.append(f"kernel {k} is not square")
-            if s != k:
-                problems.append(f"stride {s} != kernel {k}")
-            if pad != (0, 0):
-                problems.append(f"padding {pad}")
-            if m.ceil_mode:
-                problems.append("ceil_mode=True")
-            if isinstance(m, nn.MaxPool2d):
-                if _pair_of(m.dilation, "dilation", w) != (1, 1):
-                    problems.append(f"dilation {m.dilation}")
-                if m.return_indices:
-                    problems.append("return_indices=True")
-            elif getattr(m, "divisor_override", None) is not None:
-                problems.append(f"divisor_override={m.divisor_override}")
-            if problems:
-                raise ValueError(f"unsupported setting in {w}: {', '.join(problems)}. Supported: {_TORCH_SUPPORTED}")
-            kind = "avgpool" if isinstance(m, nn.AvgPool2d) else "maxpool"
-            specs.append({"kind": kind, "kw": {"kernel_size": k[0]}, "group": [(q, m)], "affine": None, "act": None})
-        elif isinstance(m, nn.AdaptiveAvgPool2d):
-            osz = m.output_size
-            ok = osz == 1 or (isinstance(osz, (tuple, list)) and tuple(osz) == (1, 1))
-            j = idx + 1
-            while j < len(items) and isinstance(items[j][1], nn.Identity):
-                j += 1
-            nxt = items[j][1] if j < len(items) else None
-            if not ok or not (isinstance(nxt, nn.Flatten) and nxt.start_dim == 1 and nxt.end_dim == -1):
-                raise ValueError(f"unsupported setting in {w}: only AdaptiveAvgPool2d(1) followed by Flatten() "
-                                 f"(global average pooling) is supported. Supported: {_TORCH_SUPPORTED}")
-            group = [(q, m)] + [items[t] for t in range(idx + 1, j + 1)]
-            skip.update(range(idx + 1, j + 1))
-            specs.append({"kind": "gap", "kw": {}, "group": group, "affine": None, "act": None})
-        elif isinstance(m, nn.Flatten):
-            if m.start_dim != 1 or m.end_dim != -1:
-                raise ValueError(f"unsupported setting in {w}: Flatten(start_dim={m.start_dim}, end_dim={m.end_dim}); "
-                                 "only start_dim=1, end_dim=-1")
-            specs.append({"kind": "flatten", "kw": {}, "group": [(q, m)], "affine": None, "act": None})
-        else:
-            raise ValueError(f"unsupported module {w}. Supported: {_TORCH_SUPPORTED}")
-    if not specs:
-        raise ValueError("module holds no layer refnet can convert (only Identity modules)")
-
-    layers, params, masks = [], [], []
-    for s in specs:
-        act = None if s["act"] is None else {"name": s["act"][0], **s["act"][1]}
-        if s["kind"] == "dense":
-            layers.append(Dense(activation=act or "identity", **s["kw"]))
-        elif s["kind"] == "conv":
-            layers.append(Conv2d(activation=act or "identity", **s["kw"]))
-        elif s["kind"] == "avgpool":
-            layers.append(AvgPool2d(**s["kw"]))
-        elif s["kind"] == "maxpool":
-            layers.append(MaxPool2d(**s["kw"]))
-        elif s["kind"] == "gap":
-            layers.append(GlobalAvgPool2d())
-        else:
-            layers.append(Flatten())
-        p, mk = {}, {}
-        if s["affine"] is not None:
-            m = s["module"]
-            where_ = f"module {s['affine']!r} ({m!r})"
-            for key, tname in (("W", "weight"), ("b", "bias")):
-                t, mask = _torch_pruned(m, tname, where_)
-                if t is None:
-                    continue
-                p[key] = t.detach().cpu().to(torch.float64).numpy().copy()
-                if mask is not None:
-                    mm = mask.detach().cpu().to(torch.float64).numpy()
-                    if not np.all((mm == 0) | (mm == 1)):
-                        raise ValueError(f"{where_}: {tname}_mask must hold only 0 and 1")
-                    mk[key] = mm.astype(bool)
-        params.append(p)
-        masks.append(mk)
-    if in_shape is None:
-        if isinstance(layers[0], Dense):
-            in_shape = (layers[0].n_in,)
-        else:
-            raise ValueError(
-                f"in_shape is required: the first refnet layer is {type(layers[0]).__name__} "
-                f"(from torch module {specs[0]['group'][0][0]!r}); give the per-example input shape, e.g. in_shape=(1, 28, 28)"
-            )
-    in_shape = parse_shape(in_shape, "in_shape")
-    try:
-        net = Network(layers, in_shape=in_shape, params=params, masks=masks)
-    except ValueError as exc:
-        raise ValueError(f"the torch module does not fit in_shape={in_shape}: {exc}") from None
-    groups = [s["group"] for s in specs]
-    sources = ["torch " + " + ".join(f"[{q}] {type(m).__name__}" for q, m in g) for g in groups]
-    return _TorchLayout(net, groups, [s["affine"] for s in specs], sources)
-
-
 def from_torch(module, in_shape=None) -> Network:
-    """A refnet :class:`~refnet.network.Network` with the weights of a PyTorch ``nn.Sequential``.
+    """A refnet :class:`~refnet.network.Network` computing what a PyTorch module computes, or a
+    ValueError that names what it cannot reproduce.
+
+    The module's ``forward`` is traced with :mod:`torch.fx` and every node is mapped
+    (:func:`refnet.audit.fx.convert_module`): module calls, ``torch.nn.functional`` calls and
+    tensor methods alike, so an activation instance used six times gives six activations, and a
+    ``Linear``/``Conv2d`` subclass that multiplies a ``weight_mask`` buffer into its weight in its own
+    ``forward`` gives a masked layer. Before returning, the network must reproduce the module's own
+    forward on a float64 probe batch, node by node, to 1e-12 relative.
 
     Parameters
     ----------
-    module : torch.nn.Sequential
-        Children (nested Sequentials are flattened): Linear; Conv2d (groups=1, dilation=1,
-        padding an int, a pair, "valid", or "same" with an odd kernel; padding_mode "zeros" or
-        "circular"); activations Tanh, ReLU, LeakyReLU, SELU, ELU, Sigmoid, Hardtanh(-1, 1),
-        Softplus(beta=1) -- each must directly follow a Linear or Conv2d and is fused into it
-        (a refnet layer owns one affine map and its activation); Identity (dropped); AvgPool2d and
-        MaxPool2d with stride = kernel (square), no padding, ceil_mode False; AdaptiveAvgPool2d(1)
-        followed by Flatten() (-> GlobalAvgPool2d); Flatten(). Pruned modules
-        (``torch.nn.utils.prune``: ``weight_orig`` + ``weight_mask``, likewise bias) become refnet
-        masks with ``W = weight_orig``.
+    module : torch.nn.Module
+        Any module whose traced graph is a chain of: Linear / ``F.linear``; Conv2d /
+        ``F.conv2d`` (groups=1, dilation=1, padding an int, a pair, "valid", or "same" with an odd
+        kernel; padding_mode "zeros" or "circular"); the activations Tanh, ReLU, LeakyReLU, SELU,
+        ELU, Sigmoid, Hardtanh(-1, 1), Softplus(beta=1, threshold=20) (modules, functions or tensor
+        methods, and ``torch.erf``) -- each must directly follow a Linear or Conv2d and is fused into
+        it (a refnet layer owns one affine map and its activation); AvgPool2d and MaxPool2d with
+        stride = kernel (square), no padding, ceil_mode False; global average pooling
+        (AdaptiveAvgPool2d(1) or ``mean((2, 3), keepdim=True)`` then a flatten, or
+        ``mean((2, 3))``); flattening each example (Flatten, ``torch.flatten(x, 1)``,
+        ``x.view(x.size(0), -1)``, ``reshape``); Dropout in eval mode, Identity, ``contiguous``
+        (no-ops). Masks: ``torch.nn.utils.prune`` (``W = weight_orig``, mask ``weight_mask``; likewise
+        bias) and 0/1 buffers the forward multiplies into a parameter (``F.linear(x, self.weight *
+        self.weight_mask, b)``: ``W = weight``, mask the buffer). The module is not changed.
     in_shape : tuple of int, optional
         Per-example input shape, e.g. ``(1, 28, 28)``. Required unless the first layer is Linear.
 
@@ -368,11 +118,15 @@ def from_torch(module, in_shape=None) -> Network:
     Raises
     ------
     ValueError
-        An unsupported module or setting (the message names the module by index and repr and
-        lists what is supported), an activation not right after an affine layer, a missing or
-        wrong ``in_shape``.
+        A hook (other than prune's), a parametrization, an untraceable forward, an unsupported
+        operation or setting (BatchNorm and residual additions among them, until the engine has
+        them), a graph that is not a chain, training-mode dropout, a missing or wrong ``in_shape``,
+        or a probe batch on which the network does not reproduce the module: the message names
+        the module or graph node.
+    TypeError
+        ``module`` is not a ``torch.nn.Module``.
     """
-    return _convert_torch(module, in_shape).net
+    return convert_module(module, in_shape).net
 
 
 def _torch_dtype(dtype):
@@ -393,45 +147,20 @@ def _torch_dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _torch_deepcopy(module):
-    """``copy.deepcopy`` that also works on pruned modules: their ``weight`` attribute is the
-    non-leaf product ``weight_orig * weight_mask`` (recomputed by the hook on every forward), which
-    ``Tensor.__deepcopy__`` refuses, so a detached copy stands in for it."""
-    memo = {}
-    for m in module.modules():
-        for tname in ("weight", "bias"):
-            t = m.__dict__.get(tname)
-            if t is not None and hasattr(t, "is_leaf") and not t.is_leaf:
-                memo[id(t)] = t.detach().clone()
-    return copy.deepcopy(module, memo)
-
-
-def _torch_run(module, layout: _TorchLayout, x, y, loss_name: str, dtype, want_jac: bool) -> Run:
-    """Run a copy of ``module`` in ``dtype`` and collect everything refnet compares."""
+def _torch_run(module, layout: TorchGraph, x, y, loss_name: str, dtype, want_jac: bool) -> Run:
+    """Run a copy of ``module`` in ``dtype`` (its own forward) and collect everything refnet
+    compares; the output of every refnet layer comes from the traced graph's nodes
+    (:func:`refnet.audit.fx.node_values`) on the same copy."""
     torch = _torch()
     F = torch.nn.functional
-    model = _torch_deepcopy(module).to(dtype)
-    mods = dict(model.named_modules())
+    model = deepcopy_module(module).to(dtype)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
     xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64).to(device=device, dtype=dtype)
-    acts = [None] * len(layout.groups)
-    handles = []
-    for i, g in enumerate(layout.groups):
-        q = g[-1][0]
-
-        def hook(_m, _inp, out, i=i):
-            acts[i] = out.detach()
-
-        handles.append(mods[q].register_forward_hook(hook))
-    try:
-        z = model(xt)
-    finally:
-        for h in handles:
-            h.remove()
+    z = model(xt)
     if z.ndim != 2:
         raise ValueError(f"the torch module must output (B, C) logits, got shape {tuple(z.shape)}")
     if loss_name == "cross_entropy":
@@ -447,21 +176,19 @@ def _torch_run(module, layout: _TorchLayout, x, y, loss_name: str, dtype, want_j
     def np64(t):
         return t.detach().to(torch.float64).cpu().numpy()
 
+    values = node_values(model, xt.detach(), layout.outputs)
+    acts = [values.get(name) for name in layout.outputs]
     params, grads, scores, pmasks = [], [], [], []
-    for i, q in enumerate(layout.affine):
+    for refs in layout.params:
         p, g, s, pm = {}, {}, {}, {}
-        if q is not None:
-            m = mods[q]
-            for key, tname in (("W", "weight"), ("b", "bias")):
-                t, mask = _torch_pruned(m, tname, f"module {q!r}")
-                if t is None:
-                    continue
-                p[key] = np64(t)
-                g[key] = np64(t.grad) if t.grad is not None else np.zeros(tuple(t.shape))
-                if mask is not None:
-                    pm[key] = np64(mask).astype(bool)
-                if key == "W":
-                    s["W"] = np64((t.grad * t).abs()) if t.grad is not None else np.zeros(tuple(t.shape))
+        for key, ref in refs.items():
+            t = model.get_parameter(ref.param)
+            p[key] = np64(t)
+            g[key] = np64(t.grad) if t.grad is not None else np.zeros(tuple(t.shape))
+            if ref.mask is not None:  # the module's own pruning masks, compared with the reference's
+                pm[key] = np64(model.get_buffer(ref.mask)).astype(bool)
+            if key == "W":
+                s["W"] = np64((t.grad * t).abs()) if t.grad is not None else np.zeros(tuple(t.shape))
         params.append(p)
         grads.append(g)
         scores.append(s)
@@ -505,13 +232,15 @@ def compare_torch(
     in_shape=None,
     jacobian: bool = True,
 ) -> AuditReport:
-    """Audit a PyTorch ``nn.Sequential`` against refnet, in float64 and as it runs.
+    """Audit a PyTorch module against refnet, in float64 and as it runs.
 
     Parameters
     ----------
-    module : torch.nn.Sequential
-        See :func:`from_torch` for what it may contain. It is not changed (every run works on a
-        deep copy).
+    module : torch.nn.Module
+        See :func:`from_torch` for what it may contain (it is imported, and the import checked on a
+        probe batch, before anything is compared). It is not changed (every run works on a deep
+        copy, in the module's own train/eval mode). Logits, loss, gradients and Jacobians come from
+        the module's own forward; the per-layer outputs ``act/{i}`` from the traced graph's nodes.
     x : ndarray, shape (B, *in_shape)
         Inputs (NCHW for images), B >= 1.
     y : ndarray, shape (B,) int labels or (B, C) targets
@@ -550,7 +279,7 @@ def compare_torch(
         if x_arr.ndim < 2:
             raise ValueError(f"x must be a batch (B, *in_shape), got shape {x_arr.shape}")
         in_shape = x_arr.shape[1:]
-    layout = _convert_torch(module, in_shape)
+    layout = convert_module(module, in_shape)
     net = layout.net
     act_diffs = []
     if reference is not None:
@@ -561,7 +290,8 @@ def compare_torch(
     ref = compute_reference(net, x_arr, y_arr, loss_name, sparsity, jacobian)
     own = _module_dtype(module)
     meta = {"module_dtype": _torch_dtype_name(own), "torch_version": torch.__version__, "sparsity": sparsity,
-            "rtol_float64": rtol, "reference": "given Network" if reference is not None else "from_torch(module)"}
+            "rtol_float64": rtol, "reference": "given Network" if reference is not None else "from_torch(module)",
+            "import": "torch.fx graph, checked on a float64 probe batch", "import_probe": layout.probe}
     report = new_report("torch", ref, meta)
     report.notes.append(
         "Pruned modules: refnet W = weight_orig, mask = weight_mask; PyTorch's weight_orig.grad = mask * dL/dW_eff "
@@ -682,17 +412,10 @@ def save_torch_checkpoint(module, path, arch: str, in_shape, n_classes: int | No
     atomic_write(path, lambda f: torch.save(payload, f), suffix=".pt")
 
 
-def load_torch_checkpoint(path, arch: str | None = None, in_shape=None, n_classes: int | None = None):
-    """Rebuild an ``nn.Sequential`` from a file read with ``torch.load(weights_only=True)``.
-
-    The file is either a checkpoint of :func:`save_torch_checkpoint` (architecture inside; the
-    arguments, when given, override it) or a bare ``state_dict`` (then ``arch``, ``in_shape`` and
-    ``n_classes`` are needed). Pruned state dicts (``weight_orig`` / ``weight_mask`` keys) are
-    loaded into modules prepared with ``torch.nn.utils.prune.identity``. Returns
-    ``(module, info)`` with ``info = {"arch", "in_shape", "n_classes"}``.
-    """
+def _read_torch_file(path):
+    """``(state_dict, checkpoint or None)`` of a file read with ``torch.load(weights_only=True)``:
+    a bare state dict or a checkpoint of :func:`save_torch_checkpoint`."""
     torch = _torch()
-    prune = torch.nn.utils.prune
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"torch file {path!r} does not exist")
@@ -704,33 +427,71 @@ def load_torch_checkpoint(path, arch: str | None = None, in_shape=None, n_classe
             "Save a state_dict (or refnet.audit.save_torch_checkpoint), not a whole pickled module"
         ) from None
     if isinstance(obj, dict) and obj.get("format") == "refnet.audit.torch":
-        state = obj.get("state_dict")
-        arch = arch or obj.get("arch")
-        in_shape = in_shape if in_shape is not None else obj.get("in_shape")
-        n_classes = n_classes if n_classes is not None else obj.get("n_classes")
-    elif isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and all(torch.is_tensor(v) for v in obj.values()):
-        state = obj
-    else:
-        raise ValueError(f"torch file {path!r} holds a {type(obj).__name__}, not a state_dict or a refnet.audit.torch checkpoint")
-    missing = [n for n, v in (("arch", arch), ("in_shape", in_shape), ("n_classes", n_classes)) if v is None]
-    if missing:
-        raise ValueError(f"torch file {path!r} is a bare state_dict: give {', '.join(missing)} (--torch-arch, --in-shape; "
-                         "n_classes is read from the last Linear's weight when possible)")
-    in_shape = parse_shape(in_shape, "in_shape")
-    module = torch_from_arch(arch, in_shape, int(n_classes))
-    # the dtype of the state dict is the dtype the model runs in
+        return obj.get("state_dict"), obj
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and all(torch.is_tensor(v) for v in obj.values()):
+        return obj, None
+    raise ValueError(f"torch file {path!r} holds a {type(obj).__name__}, not a state_dict or a refnet.audit.torch checkpoint")
+
+
+def _load_state(module, state):
+    """Load ``state`` strictly into ``module`` cast to the state dict's dtype (the dtype the model
+    runs in); pruned entries (``weight_orig``/``weight_mask``) go into modules prepared with
+    ``torch.nn.utils.prune.identity``. Returns the module; RuntimeError from ``load_state_dict``."""
+    torch = _torch()
+    prune = torch.nn.utils.prune
     dts = {v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point()}
     if len(dts) == 1:
         module = module.to(dts.pop())
     mods = dict(module.named_modules())
     for key in state:
         for tname in ("weight", "bias"):
-            if key.endswith(f".{tname}_orig"):
-                mname = key[: -len(f".{tname}_orig")]
+            if key.endswith(f".{tname}_orig") or key == f"{tname}_orig":
+                mname = key[: -len(f"{tname}_orig")].rstrip(".")
                 if mname in mods and not hasattr(mods[mname], f"{tname}_orig"):
                     prune.identity(mods[mname], tname)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def load_torch_state(module, path):
+    """Load the weights of a file read with ``torch.load(weights_only=True)`` (a bare
+    ``state_dict`` or a checkpoint of :func:`save_torch_checkpoint`) into ``module``, strictly;
+    the module is cast to the state dict's dtype and pruned entries (``weight_orig`` /
+    ``weight_mask``) are loaded into modules prepared with ``torch.nn.utils.prune.identity``.
+    Returns the module (changed in place). ValueError naming the file when the keys or shapes do
+    not fit."""
+    path = os.fspath(path)
+    state, _ = _read_torch_file(path)
     try:
-        module.load_state_dict(state, strict=True)
+        return _load_state(module, state)
+    except RuntimeError as exc:
+        raise ValueError(f"the state_dict in {path!r} does not fit the module "
+                         f"({type(module).__name__}): {' '.join(line.strip() for line in str(exc).splitlines()[:3])}") from None
+
+
+def load_torch_checkpoint(path, arch: str | None = None, in_shape=None, n_classes: int | None = None):
+    """Rebuild an ``nn.Sequential`` from a file read with ``torch.load(weights_only=True)``.
+
+    The file is either a checkpoint of :func:`save_torch_checkpoint` (architecture inside; the
+    arguments, when given, override it) or a bare ``state_dict`` (then ``arch``, ``in_shape`` and
+    ``n_classes`` are needed). Pruned state dicts (``weight_orig`` / ``weight_mask`` keys) are
+    loaded into modules prepared with ``torch.nn.utils.prune.identity``. Returns
+    ``(module, info)`` with ``info = {"arch", "in_shape", "n_classes"}``.
+    """
+    path = os.fspath(path)
+    state, obj = _read_torch_file(path)
+    if obj is not None:
+        arch = arch or obj.get("arch")
+        in_shape = in_shape if in_shape is not None else obj.get("in_shape")
+        n_classes = n_classes if n_classes is not None else obj.get("n_classes")
+    missing = [n for n, v in (("arch", arch), ("in_shape", in_shape), ("n_classes", n_classes)) if v is None]
+    if missing:
+        raise ValueError(f"torch file {path!r} is a bare state_dict: give {', '.join(missing)} (--torch-arch, --in-shape; "
+                         "n_classes is read from the last Linear's weight when possible)")
+    in_shape = parse_shape(in_shape, "in_shape")
+    module = torch_from_arch(arch, in_shape, int(n_classes))
+    try:
+        module = _load_state(module, state)
     except RuntimeError as exc:
         layout = ", ".join(f"{n}: {type(m).__name__}" for n, m in module.named_children())
         raise ValueError(f"the state_dict in {path!r} does not fit arch {arch!r} on in_shape {in_shape} "
