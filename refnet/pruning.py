@@ -1,4 +1,4 @@
-r"""Pruning at initialization: the scores (SNIP, SynFlow, magnitude, random) and the method dispatch.
+r"""Pruning: the scores (SNIP, SynFlow, magnitude, random) and the one method dispatch.
 
 Scores (each a list with one dict per layer, keys and shapes as ``net.params``; ``{}`` for
 parameter-free layers; "W" always, "b" only when asked for):
@@ -20,8 +20,13 @@ parameter-free layers; "W" always, "b" only when asked for):
 * :func:`synflow_scores` -- SynFlow (Tanaka et al. 2020), data-free, with
   :func:`synflow_objective` (its ``R``) and the iterative :func:`synflow_prune`.
 
+Second-order saliency (GraSP, OBD, layer-wise OBS) lives in :mod:`refnet.saliency`; the dispatch
+below makes it a method like the others.
+
 Masks: :func:`snip` is connection sensitivity followed by a global top-k; :func:`masks_for`
-dispatches a method name (:data:`METHODS`) to its scores and mask. Turning scores into masks
+dispatches a method name (:data:`METHODS`) to its scores and mask, and :func:`prune_network` a name
+of :data:`NETWORK_METHODS` to the pruned network (the masks applied, or, for L-OBS, the masks and
+the compensating update of the kept weights). Turning scores into masks
 (:func:`prune`, :func:`top_k_mask`, :func:`kth_largest`, :func:`keep_count`, the ranking rules,
 :func:`pruning_report`) has one home, :mod:`refnet.masks`; those names are re-exported here.
 
@@ -55,6 +60,7 @@ from .masks import (  # re-exported: refnet.pruning has always offered them
     warn_collapse,
 )
 from .progress import Progress, progress_target
+from .saliency import GRASP_TEMPERATURE, grasp_scores, obd_scores, obs_prune
 
 __all__ = [
     "LayerCollapseWarning",
@@ -76,7 +82,11 @@ __all__ = [
     "kth_largest",
     "METHODS",
     "DATA_METHODS",
+    "UPDATE_METHODS",
+    "NETWORK_METHODS",
+    "check_method_options",
     "masks_for",
+    "prune_network",
 ]
 
 #: the unsupervised losses of PAPER.md section 9 (refnet's definitions)
@@ -553,10 +563,49 @@ def snip(
 
 
 #: the pruning methods of :func:`masks_for` (the ``--method`` / ``--prune`` names of the commands)
-METHODS = ("snip", "uniform", "pred_raw", "pred_softmax", "random", "magnitude", "synflow")
+METHODS = ("snip", "uniform", "pred_raw", "pred_softmax", "random", "magnitude", "synflow", "grasp", "obd", "obd_gn")
 
-#: the methods of :data:`METHODS` that score examples ``x`` (connection sensitivity)
-DATA_METHODS = ("snip",) + UNSUPERVISED_LOSSES
+#: the methods of :data:`METHODS` that score examples ``x``: connection sensitivity and the
+#: second-order saliencies of :mod:`refnet.saliency` (GraSP, OBD with either diagonal)
+DATA_METHODS = ("snip",) + UNSUPERVISED_LOSSES + ("grasp", "obd", "obd_gn")
+
+#: the methods that change the kept weights as well as the masks (L-OBS's compensating update):
+#: :func:`prune_network` runs them, :func:`masks_for` refuses them
+UPDATE_METHODS = ("lobs",)
+
+#: every method of :func:`prune_network` (the ``refnet prune --method`` names)
+NETWORK_METHODS = METHODS + UPDATE_METHODS
+
+_SECOND_ORDER = ("grasp", "obd", "obd_gn")  # scored as one batch, with labels, at a temperature
+
+#: option -> the methods that use it (any other method refuses it when given)
+_USES = {
+    "batch_size": ("snip",) + UNSUPERVISED_LOSSES,
+    "temperature": _SECOND_ORDER,
+    "damp": UPDATE_METHODS,
+}
+
+
+def check_method_options(method: str, *, scope=None, batch_size=None, temperature=None, damp=None) -> str:
+    """``method`` checked against :data:`NETWORK_METHODS` (its canonical name is returned) with the
+    options given to it: a ValueError naming an option the method does not use (``batch_size``
+    is for connection sensitivity, ``temperature`` for grasp / obd / obd_gn, ``damp`` for lobs),
+    and for ``scope="global"`` with "lobs" (layer-wise only). None means "not given". The
+    commands call it before any work; :func:`masks_for` and :func:`prune_network` call it too."""
+    method = check_choice(method, "method", NETWORK_METHODS)
+    if scope is not None:
+        scope = check_choice(scope, "scope", ("global", "layer"))
+    for name, value in (("batch_size", batch_size), ("temperature", temperature), ("damp", damp)):
+        if value is not None and method not in _USES[name]:
+            raise ValueError(
+                f"{name} does not apply to method {method!r} (only to {', '.join(_USES[name])}), got {name}={value!r}"
+            )
+    if method in UPDATE_METHODS and scope == "global":
+        raise ValueError(
+            f"scope must be 'layer' (or None) for method {method!r}: L-OBS prunes each layer by the OBS "
+            "saliencies of that layer's reconstruction error, which do not rank across layers; got scope='global'"
+        )
+    return method
 
 
 def masks_for(
@@ -570,11 +619,12 @@ def masks_for(
     seed=0,
     scope: str = "global",
     batch_size=None,
+    temperature=None,
     warn: bool = True,
 ) -> list[dict]:
     r"""The masks of the pruning method named ``method`` (one of :data:`METHODS`): the one
-    dispatch from a method name to its masks (the ``refnet prune`` and ``refnet spectrum`` commands
-    use it).
+    dispatch from a method name to its masks (the ``refnet prune``, ``refnet spectrum`` and
+    ``refnet sweep`` commands use it).
 
     ============== ==================================================================================
     ``method``     masks
@@ -587,14 +637,29 @@ def masks_for(
     "random"       :func:`prune` of :func:`random_scores` ``(net, seed)``
     "magnitude"    :func:`prune` of :func:`magnitude_scores` ``(net)``: ``|m * w|``
     "synflow"      :func:`synflow_prune` ``(net, ...)``: iterative, data-free, 100 rounds
+    "grasp"        :func:`prune` of :func:`refnet.saliency.grasp_scores` ``(net, x, y,
+                   temperature=T, convention="synflow")``: ``+w (H g)`` normalised, the largest
+                   kept, which removes the largest of the GraSP paper's ``-w (H g)`` (the
+                   paper's own rule); ``T`` defaults to 200
+    "obd"          :func:`prune` of :func:`refnet.saliency.obd_scores` ``(net, x, y,
+                   diag="exact", temperature=T)``: ``1/2 H_jj w_j^2`` with the exact Hessian
+                   diagonal (may be negative away from a minimum; the lowest are pruned first);
+                   ``T`` defaults to 1 (the loss itself)
+    "obd_gn"       the same with the Gauss-Newton diagonal (``diag="gauss_newton"``, non-negative:
+                   the curvature OBD's own derivation keeps)
     ============== ==================================================================================
+
+    L-OBS (``"lobs"``, :data:`UPDATE_METHODS`) is not a masks method: its compensating update of
+    the kept weights is part of the method, so :func:`prune_network` runs it and this function
+    refuses it (a ValueError that says so).
 
     Connection sensitivity scores all of ``x`` (the commands pass the first 100 training examples,
     ``refnet prune --score-examples``) with ``batch_size`` as in :func:`connection_sensitivity`,
     and ranks the normalised scores ``|g_j| / sum_k |g_k|`` (:func:`snip` ranks the unnormalised
     ``|g_j|``; the two orders differ only where the division merges near-equal floats into a tie).
-    Every method keeps ``k = round(m (1 - sparsity))`` of the ``m`` weights (biases are never
-    pruned), over the whole network or per layer (``scope``), ties to the lower flat index.
+    GraSP and OBD score all of ``x`` as one batch (the mean loss over it). Every method keeps
+    ``k = round(m (1 - sparsity))`` of the ``m`` weights (biases are never pruned), over the whole
+    network or per layer (``scope``), ties to the lower flat index.
 
     Parameters
     ----------
@@ -607,12 +672,17 @@ def masks_for(
     x : ndarray, shape (B, *net.in_shape)
         The scored examples; required by :data:`DATA_METHODS`, ignored by the others.
     y : ndarray, shape (B,) int labels or (B, C) targets
-        Labels of ``x``; required by "snip", ignored by the others.
+        Labels of ``x``; required by "snip", "grasp", "obd" and "obd_gn", ignored by the others.
     seed : int or numpy.random.Generator
         Seed of "random"'s scores; ignored by the others.
     scope : {"global", "layer"}
     batch_size : int >= 1, optional
-        Connection sensitivity over consecutive batches of ``x`` (:func:`connection_sensitivity`).
+        Connection sensitivity over consecutive batches of ``x`` (:func:`connection_sensitivity`);
+        only for the connection-sensitivity methods (a ValueError for the others).
+    temperature : float > 0, optional
+        The temperature ``T`` of "grasp" (default 200, :data:`refnet.saliency.GRASP_TEMPERATURE`)
+        and of "obd" / "obd_gn" (default 1): the loss of the logits divided by ``T``. A ValueError
+        for the other methods.
     warn : bool
         Emit :class:`LayerCollapseWarning` about the final mask (and :func:`prune`'s warnings).
 
@@ -621,16 +691,31 @@ def masks_for(
     list of dict
         Boolean masks shaped like ``net.params``; apply with ``net.with_masks(masks)``.
     """
+    if isinstance(method, str) and method.lower().replace("-", "_") in UPDATE_METHODS:
+        raise ValueError(
+            f"method {method!r} (L-OBS) updates the kept weights as well as the masks, so its masks alone "
+            "are not the method: use refnet.pruning.prune_network (or refnet.saliency.obs_prune)"
+        )
     method = check_choice(method, "method", METHODS)
     check_net(net)
     resolve_density(sparsity, density)  # fail before any scoring
     scope = check_choice(scope, "scope", ("global", "layer"))
     warn = check_bool(warn, "warn")
+    check_method_options(method, batch_size=batch_size, temperature=temperature)
     if method == "synflow":
         return synflow_prune(net, sparsity, density=density, scope=scope, warn=warn)
-    if method in DATA_METHODS:
-        if x is None:
-            raise ValueError(f"method {method!r} scores examples: x must be given (the examples to score), got None")
+    if method in DATA_METHODS and x is None:
+        raise ValueError(f"method {method!r} scores examples: x must be given (the examples to score), got None")
+    if method in _SECOND_ORDER:
+        if y is None:
+            raise ValueError(f"method {method!r} scores the loss on labelled examples: y must be given, got None")
+        if method == "grasp":
+            T = GRASP_TEMPERATURE if temperature is None else temperature
+            scores = grasp_scores(net, x, y, temperature=T, convention="synflow")
+        else:
+            T = 1.0 if temperature is None else temperature
+            scores = obd_scores(net, x, y, diag="exact" if method == "obd" else "gauss_newton", temperature=T)
+    elif method in DATA_METHODS:
         loss = "cross_entropy" if method == "snip" else method
         scores = connection_sensitivity(net, x, y, loss=loss, batch_size=batch_size)
     elif method == "random":
@@ -638,6 +723,75 @@ def masks_for(
     else:  # magnitude
         scores = magnitude_scores(net)
     return prune(net, scores, sparsity, density=density, scope=scope, warn=warn)
+
+
+def prune_network(
+    method: str,
+    net,
+    sparsity=None,
+    *,
+    density=None,
+    x=None,
+    y=None,
+    seed=0,
+    scope=None,
+    batch_size=None,
+    temperature=None,
+    damp=None,
+    warn: bool = True,
+) -> Network:
+    r"""The network pruned by ``method`` (one of :data:`NETWORK_METHODS`): what ``refnet prune``
+    trains.
+
+    * A method of :data:`METHODS`: ``net.with_masks(masks_for(method, net, ...))``; the weights
+      are unchanged. ``scope=None`` is ``"global"``.
+    * ``"lobs"``: layer-wise Optimal Brain Surgeon (:func:`refnet.saliency.obs_prune`): every
+      Dense and Conv2d layer keeps ``round(m_l (1 - sparsity))`` of its ``m_l`` weights, chosen by
+      the OBS saliencies ``w_q^2 / (2 [H^{-1}]_qq)`` of the layer's reconstruction error
+      ``E^l = ||X W'^T - X W^T||^2 / (2n)`` over the inputs ``X`` that ``x`` gives the layer, and
+      the kept weights of each row move to the exact minimiser of ``E^l`` with the pruned ones
+      held at zero. The result has new weights, not only new masks. L-OBS is layer-wise by
+      construction (the errors of different layers are not on one scale), so ``scope`` must be
+      None or ``"layer"``; ``y`` and ``seed`` are ignored (no labels are used).
+
+    Parameters
+    ----------
+    method : str
+        One of :data:`NETWORK_METHODS` (case-insensitive, ``-`` and ``_`` alike).
+    net : Network
+        Not changed.
+    sparsity, density, x, y, seed, batch_size, temperature, warn
+        As in :func:`masks_for` ("lobs" needs ``x``; ``batch_size`` and ``temperature`` do not
+        apply to it).
+    scope : {None, "global", "layer"}
+        None: the method's own (``"layer"`` for "lobs", ``"global"`` for the others).
+    damp : float >= 0, optional
+        L-OBS's relative damping ``lambda = damp * mean(diag(X^T X / n))`` (default 1e-4, see
+        :func:`refnet.saliency.obs_prune`); a ValueError for the other methods.
+
+    Returns
+    -------
+    Network
+        A new network; for "lobs" with the compensating update applied (the stored values of the
+        pruned weights are those of ``net``: the mask holds them at zero).
+    """
+    method = check_method_options(method, scope=scope, batch_size=batch_size, temperature=temperature, damp=damp)
+    check_net(net)
+    if scope is not None:
+        scope = check_choice(scope, "scope", ("global", "layer"))
+    if method not in UPDATE_METHODS:
+        return net.with_masks(masks_for(method, net, sparsity, density=density, x=x, y=y, seed=seed,
+                                        scope="global" if scope is None else scope, batch_size=batch_size,
+                                        temperature=temperature, warn=warn))
+    d = resolve_density(sparsity, density)  # fail before any work
+    warn = check_bool(warn, "warn")
+    if x is None:
+        raise ValueError(f"method {method!r} reconstructs each layer's output on examples: x must be given, got None")
+    s = 1.0 - d if sparsity is None else sparsity  # the sparsity as given keeps obs_prune's keep count exact
+    out = obs_prune(net, x, s) if damp is None else obs_prune(net, x, s, damp=damp)
+    if warn:
+        warn_collapse(net, out.masks, stacklevel=2)
+    return out
 
 
 # -------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ BAD_ARGS = [
     (["--init", "sg"], "gamma"),  # sg needs --gamma
     (["--init", "lecun", "--gain", "2"], "gain"),  # gain does not apply to lecun
     (["--arch", "lenet5"], "lenet5"),  # synthetic data are not 28x28 images
-    (["--batch-size", "5000"], "batch_size"),  # more than the 1000 training rows
+    (["--batch-size", "5000"], "--batch-size"),  # more than the 1000 training rows
 ]
 
 
@@ -324,7 +324,7 @@ def test_every_command_module_is_registered_with_its_attributes():
     # planted bug seen failing: DESCRIPTION not passed on by register_module
     from refnet import cli
 
-    assert [m.NAME for m in cli.COMMAND_MODULES] == ["train", "spectrum", "prune", "reproduce", "audit", "bench"]
+    assert [m.NAME for m in cli.COMMAND_MODULES] == ["train", "spectrum", "prune", "reproduce", "audit", "bench", "sweep"]
     for m in cli.COMMAND_MODULES:
         cmd = _SUBCOMMANDS[m.NAME]
         assert (cmd.help, cmd.description, cmd.add_arguments, cmd.run) == (m.HELP, m.DESCRIPTION, m.add_arguments, m.run)
@@ -361,7 +361,7 @@ def test_both_pruning_commands_use_the_one_dispatch(tmp_path, monkeypatch):
     from refnet import pruning
     from refnet.cli.prune import METHODS
 
-    assert tuple(METHODS) == pruning.METHODS  # --method offers every method, in its order
+    assert tuple(METHODS) == pruning.NETWORK_METHODS  # --method offers every method, in its order
     calls = []
     real = pruning.masks_for
 
@@ -386,6 +386,56 @@ def test_both_pruning_commands_use_the_one_dispatch(tmp_path, monkeypatch):
     assert (method, sparsity, kw["seed"]) == ("snip", 0.5, 2) and kw.get("scope", "global") == "global"
     np.testing.assert_array_equal(kw["x"], X[:100])
     np.testing.assert_array_equal(kw["y"], y[:100])
+
+
+def test_prune_command_runs_grasp_obd_and_lobs(tmp_path, capsys):
+    # planted bugs seen failing: --damp not passed on; pruning the net before --pretrain-steps;
+    # the option check after the output folder is made
+    from refnet import pruning
+    from refnet.training import train
+
+    X, y = data.load("digits", split="train")
+    base = ["prune", "--data", "digits", "--arch", "mlp-2-tanh", "--jsv-examples", "5", "--score-examples", "40", "--quiet"]
+    # L-OBS: net.npz is the compensated network (new weights, not only masks), pruned layer by layer
+    out = tmp_path / "lobs"
+    assert main(base + ["--method", "lobs", "--sparsity", "0.7", "--damp", "0.001", "--train-steps", "0",
+                        "--out", str(out)]) == 0
+    net = build("mlp-2-tanh", X.shape[1:], 10, init="orthogonal", seed=0)
+    want = pruning.prune_network("lobs", net, 0.7, x=X[:40], damp=1e-3)
+    got = load_network(out / "net.npz")
+    for g, w, gm, wm in zip(got.params, want.params, got.masks, want.masks):
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k])
+            np.testing.assert_array_equal(gm[k], wm[k])
+    assert any(not np.array_equal(g["W"], n["W"]) for g, n in zip(got.params, net.params) if "W" in n)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["scope"], summary["damp"], summary["method"]) == ("layer", 0.001, "lobs")
+    # GraSP at a temperature, after dense pretraining: the masks of the pretrained net
+    out = tmp_path / "grasp"
+    assert main(base + ["--method", "grasp", "--temperature", "50", "--pretrain-steps", "4", "--lr", "0.05",
+                        "--train-steps", "2", "--out", str(out)]) == 0
+    net = build("mlp-2-tanh", X.shape[1:], 10, init="orthogonal", seed=0)
+    train(net, X, y, steps=4, lr=0.05, batch_size=100, weight_decay=0.00025, seed=0, progress=False)
+    want = pruning.masks_for("grasp", net, 0.9, x=X[:40], y=y[:40], temperature=50.0)
+    with np.load(out / "masks.npz", allow_pickle=False) as f:
+        for i, m in enumerate(want):
+            for k, v in m.items():
+                np.testing.assert_array_equal(f[f"mask/{i}/{k}"], v)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pretrain_steps"] == 4 and summary["temperature"] == 50.0 and summary["scope"] == "global"
+    assert "jsv_after_pretraining" in summary and 0 <= summary["pretrain_test_error"] <= 1
+    # OBD with the Gauss-Newton diagonal
+    out = tmp_path / "obd"
+    assert main(base + ["--method", "obd_gn", "--train-steps", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # an option the method does not use: refused before any work (no output folder)
+    for extra, word in ((["--method", "snip", "--temperature", "5"], "temperature does not apply to method 'snip'"),
+                        (["--method", "obd", "--damp", "0.1"], "damp does not apply to method 'obd'"),
+                        (["--method", "lobs", "--scope", "global"], "scope must be 'layer'"),
+                        (["--method", "grasp", "--score-batch-size", "10"], "batch_size does not apply to method 'grasp'")):
+        out = tmp_path / "refused"
+        assert main(base + extra + ["--out", str(out)]) == 2
+        assert word in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("old,name,new", [

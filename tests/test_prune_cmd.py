@@ -47,7 +47,7 @@ def test_prune_methods(tmp_path, method):
     assert summary["method"] == method and "final_test_error" not in summary
 
 
-@pytest.mark.parametrize("bad,word", [(["--sparsity", "1.0"], "--sparsity"), (["--method", "obd"], "--method"),
+@pytest.mark.parametrize("bad,word", [(["--sparsity", "1.0"], "--sparsity"), (["--method", "obs"], "--method"),
                                        (["--arch", "mlp-x"], "--arch")])
 def test_prune_bad_arguments(tmp_path, capsys, bad, word):
     rc, _ = _run(tmp_path, *bad)

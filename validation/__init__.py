@@ -13,5 +13,6 @@ SCRIPTS = {
     "linear_vs_tanh": "SPP figure: per-layer connection sensitivity and mask, linear vs tanh",
     "unsupervised": "SPP table: unsupervised pruning (GT, Pred.(raw), Pred.(softmax), Unif.) for K = 3, 5, 7",
     "lenet": "SNIP: LeNet-300-100 at 95% and 98% sparsity and the first-layer mask picture",
+    "second_order": "SNIP's table: OBD and L-OBS (pretrained) beside SNIP on LeNet-300-100; GraSP beside SNIP, SynFlow",
     "orthp": "[DI]: MLP-7-linear, L1 neuron pruning, JSV and accuracy vs fine-tuning lr with and without OrthP",
 }

@@ -1,13 +1,19 @@
-"""``refnet prune``: prune at initialization, optionally repair, train, and report signal propagation.
+"""``refnet prune``: prune (at initialization or after dense training), optionally repair, train, and
+report signal propagation.
 
 The pipeline of the SPP paper in one command: build a network, measure the Jacobian singular
-values (JSV) at initialization, prune it (connection sensitivity or a baseline), measure again,
-optionally repair the pruned weights by approximate isometry (``--repair ai``) and measure again,
-then train and report the test error. Writes OUT/masks.npz, OUT/net.npz, OUT/history.json,
-OUT/summary.json and, with matplotlib, OUT/curves.png.
+values (JSV) at initialization, optionally train it densely first (``--pretrain-steps``: the
+protocol of OBD and L-OBS, which prune a trained network), prune it (connection sensitivity, a
+baseline, SynFlow, GraSP, OBD or L-OBS), measure again, optionally repair the pruned weights by
+approximate isometry (``--repair ai``) and measure again, then train and report the test error.
+Writes OUT/masks.npz, OUT/net.npz, OUT/history.json, OUT/summary.json and, with matplotlib,
+OUT/curves.png.
 
-The masks come from :func:`refnet.pruning.masks_for`, the one dispatch from a method name to its
-masks (``refnet spectrum --prune`` uses it too).
+The pruned network comes from :func:`refnet.pruning.prune_network`: for every method but L-OBS
+the masks of :func:`refnet.pruning.masks_for` (the one dispatch from a method name to its masks,
+which ``refnet spectrum --prune`` uses too) on unchanged weights; for ``--method lobs`` the masks
+and L-OBS's compensating update of the kept weights (:func:`refnet.saliency.obs_prune`), so
+OUT/net.npz then holds updated weights.
 """
 
 from __future__ import annotations
@@ -23,14 +29,15 @@ from .args import arch_name, dataset_name, float_in, init_name, int_at_least
 __all__ = ["NAME", "HELP", "DESCRIPTION", "METHODS", "add_arguments", "run"]
 
 NAME = "prune"
-HELP = "prune at initialization, optionally repair by approximate isometry, train and report JSV"
+HELP = "prune (at init or after --pretrain-steps), optionally repair by approximate isometry, train and report JSV"
 DESCRIPTION = (
-    "Build a network, measure its Jacobian singular values, prune it (connection\n"
-    "sensitivity or a baseline), optionally repair it (--repair ai), measure again, train and\n"
-    "report the test error. Writes OUT/masks.npz, net.npz, history.json, summary.json, curves.png."
+    "Build a network, measure its Jacobian singular values, optionally train it densely\n"
+    "(--pretrain-steps), prune it (connection sensitivity, a baseline, SynFlow, GraSP, OBD or\n"
+    "L-OBS), optionally repair it (--repair ai), measure again, train and report the test error.\n"
+    "Writes OUT/masks.npz, net.npz, history.json, summary.json, curves.png."
 )
 
-#: --method choices (the methods of refnet.pruning.METHODS, in its order): name -> what it scores
+#: --method choices (refnet.pruning.NETWORK_METHODS, in its order): name -> what it scores
 METHODS = {
     "snip": "connection sensitivity |dL/dc| with the true labels (SNIP)",
     "uniform": "connection sensitivity with the uniform-label loss (unsupervised)",
@@ -39,6 +46,12 @@ METHODS = {
     "random": "uniform random scores (baseline)",
     "magnitude": "|w| (baseline)",
     "synflow": "iterative SynFlow, data-free (100 rounds, exponential schedule)",
+    "grasp": "GraSP, gradient signal preservation: keeps the largest w*(Hg) at --temperature (default 200), "
+             "i.e. removes the largest of the paper's -w*(Hg)",
+    "obd": "Optimal Brain Damage 1/2 H_jj w^2 with the exact Hessian diagonal (use --pretrain-steps)",
+    "obd_gn": "Optimal Brain Damage with the Gauss-Newton diagonal",
+    "lobs": "layer-wise Optimal Brain Surgeon: per-layer OBS saliencies of the reconstruction error and the "
+            "compensating update of the kept weights (changes weights; scope layer; --damp)",
 }
 
 
@@ -60,11 +73,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=list(METHODS), default="snip",
                    help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     g.add_argument("--sparsity", type=float_in(0.0, 1.0, hi_open=True), default=0.9, help="fraction of weights removed (default 0.9)")
-    g.add_argument("--scope", choices=["global", "layer"], default="global", help="rank over all layers (default) or per layer")
+    g.add_argument("--scope", choices=["global", "layer"], default=None,
+                   help="rank over all layers or per layer (default: global; layer for lobs, the only scope it has)")
     g.add_argument("--score-examples", type=int_at_least(1), default=100,
                    help="training examples scored (default 100: one SNIP batch)")
     g.add_argument("--score-batch-size", type=int_at_least(1), default=None,
-                   help="accumulate dL/dc over batches of this size before |.| (the SPP code: 100)")
+                   help="accumulate dL/dc over batches of this size before |.| (the SPP code: 100; "
+                        "connection-sensitivity methods only)")
+    g.add_argument("--temperature", type=float_in(0.0, lo_open=True), default=None,
+                   help="grasp, obd, obd_gn: the loss of the logits / T (default 200 for grasp, as its code; 1 for obd)")
+    g.add_argument("--damp", type=float_in(0.0), default=None,
+                   help="lobs: relative damping of the layer Hessian X^T X / n (default 1e-4)")
+    g.add_argument("--pretrain-steps", type=int_at_least(0), default=0,
+                   help="train densely this many steps before pruning (same --lr, --batch-size, --weight-decay; "
+                        "default 0: prune at initialization)")
     g.add_argument("--repair", choices=["none", "ai"], default="none", help="ai: approximate isometry of the pruned weights")
     g.add_argument("--ai-steps", type=int_at_least(1), default=10_000, help="approximate-isometry steps (default 10000)")
     g.add_argument("--ai-lr", type=float_in(0.0, lo_open=True), default=0.1, help="approximate-isometry lr (default 0.1)")
@@ -94,11 +116,13 @@ def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text, jsonable
     from ..arch import build, parse_arch
     from ..isometry import approximate_isometry, format_isometry_report
-    from ..pruning import format_pruning_report, masks_for, pruning_report
+    from ..pruning import UPDATE_METHODS, check_method_options, format_pruning_report, prune_network, pruning_report
     from ..spectrum import format_stats, jsv_stats
     from ..training import train
 
     say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    check_method_options(args.method, scope=args.scope, batch_size=args.score_batch_size,
+                         temperature=args.temperature, damp=args.damp)  # before any work
     os.makedirs(args.out, exist_ok=True)
     spec = parse_arch(args.arch)
     X, y = data.load(args.data, split="train", data_dir=args.data_dir, flatten=spec.flat_input)
@@ -107,8 +131,12 @@ def run(args: argparse.Namespace) -> int:
     net = build(args.arch, X.shape[1:], data.DATASETS[args.data].n_classes, init=args.init, seed=args.seed, **init_kwargs)
     say(net.summary())
     xj = Xt[: args.jsv_examples]
+    scope = args.scope or ("layer" if args.method in UPDATE_METHODS else "global")
     summary = {"arch": args.arch, "init": args.init, "init_kwargs": init_kwargs, "data": args.data, "seed": args.seed,
-               "method": args.method, "sparsity": args.sparsity, "scope": args.scope, "repair": args.repair}
+               "method": args.method, "sparsity": args.sparsity, "scope": scope, "repair": args.repair}
+    for k in ("temperature", "damp"):
+        if getattr(args, k) is not None:
+            summary[k] = getattr(args, k)
 
     def measure(label, model):
         t = time.perf_counter()
@@ -118,10 +146,18 @@ def run(args: argparse.Namespace) -> int:
         return stats
 
     measure("after init", net)
+    if args.pretrain_steps:
+        say(f"pretraining densely {args.pretrain_steps} steps, lr {args.lr:g}, batch {args.batch_size}")
+        pre = train(net, X, y, steps=args.pretrain_steps, lr=args.lr, batch_size=args.batch_size,
+                    weight_decay=args.weight_decay, seed=args.seed, X_test=Xt, y_test=yt,
+                    progress=None if not args.quiet else False)  # net is trained in place
+        summary.update(pretrain_steps=args.pretrain_steps, pretrain_test_error=1 - pre.final_test_acc)
+        say(f"dense test error after pretraining {100 * (1 - pre.final_test_acc):.2f}%")
+        measure("after pretraining", net)
     t = time.perf_counter()
-    masks = masks_for(args.method, net, args.sparsity, x=X[: args.score_examples], y=y[: args.score_examples],
-                      seed=args.seed, scope=args.scope, batch_size=args.score_batch_size)
-    pruned = net.with_masks(masks)
+    pruned = prune_network(args.method, net, args.sparsity, x=X[: args.score_examples], y=y[: args.score_examples],
+                           seed=args.seed, scope=scope, batch_size=args.score_batch_size,
+                           temperature=args.temperature, damp=args.damp)
     summary["prune_seconds"] = time.perf_counter() - t
     report = pruning_report(pruned)
     summary["layers"] = report
