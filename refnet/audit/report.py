@@ -210,13 +210,27 @@ class AuditReport:
             lines.append("")
         return "\n".join(lines)
 
+    def to_rows(self) -> list[dict]:
+        """One tidy row per check: the framework, then the check's fields (:meth:`Check.to_dict`)."""
+        return [{"framework": self.framework, **c.to_dict()} for c in self.checks]
+
+    def to_dataframe(self):
+        """The checks as a :class:`pandas.DataFrame`, one row each (pandas is an optional extra)."""
+        from ..tables import to_dataframe
+
+        return to_dataframe(self.to_rows())
+
     def save(self, folder) -> tuple[str, str]:
-        """Write ``folder/report.md`` and ``folder/report.json`` (each atomically); return their paths."""
+        """Write ``folder/report.md``, ``folder/report.json`` and the tidy ``folder/report.csv``
+        (one row per check), each atomically; return the paths of the first two."""
+        from ..tables import write_csv
+
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         md, js = os.path.join(folder, "report.md"), os.path.join(folder, "report.json")
         atomic_write_text(md, self.to_markdown())
         self.to_json(js)
+        write_csv(os.path.join(folder, "report.csv"), self.to_rows())
         return md, js
 
     def summary(self) -> str:
