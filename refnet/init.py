@@ -64,7 +64,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._checks import as_rng, check_choice, check_float, resolve_dtype
+from ._checks import as_rng, check_choice, check_float, check_memory, resolve_dtype
 
 __all__ = [
     "TRUNCATED_STD",
@@ -97,8 +97,10 @@ _ALIASES = {"vs_l": "lecun", "vs_g": "glorot", "vs_h": "he", "ldi": "orthogonal"
 # --------------------------------------------------------------------------------------------
 
 
-def _check_shape(shape, name: str = "shape", *, min_ndim: int = 2) -> tuple[int, ...]:
-    """A tuple of ints >= 1 with at least ``min_ndim`` entries (an int means ``(int,)``)."""
+def _check_shape(shape, name: str = "shape", *, min_ndim: int = 2, draw: bool = True) -> tuple[int, ...]:
+    """A tuple of ints >= 1 with at least ``min_ndim`` entries (an int means ``(int,)``). With
+    ``draw``, an array of that shape must fit in memory (three float64 copies: the draw, the
+    dtype conversion, an orthogonal factorisation): refused up front, with the size needed."""
     if isinstance(shape, numbers.Integral) and not isinstance(shape, (bool, np.bool_)):
         shape = (shape,)
     if not isinstance(shape, (tuple, list)):
@@ -116,6 +118,8 @@ def _check_shape(shape, name: str = "shape", *, min_ndim: int = 2) -> tuple[int,
             "((n_out, n_in) dense or (c_out, c_in, kh, kw) conv), "
             f"got {tuple(shape)!r}"
         )
+    if draw:
+        check_memory(3 * 8 * math.prod(out), f"an initial array of {name} {tuple(out)}")
     return tuple(out)
 
 
@@ -141,7 +145,7 @@ def compute_fans(shape) -> tuple[int, int]:
     -------
     (fan_in, fan_out) : tuple of int
     """
-    shape = _check_shape(shape)
+    shape = _check_shape(shape, draw=False)
     r = math.prod(shape[2:])
     return shape[1] * r, shape[0] * r
 

@@ -28,6 +28,26 @@ are the input directions in order of how much the network stretches them, ``J v_
 For nets too large for dense Jacobians, :func:`jacobian_operator` gives a matrix-free
 ``scipy.sparse.linalg.LinearOperator`` for one example, and :func:`extreme_singular_values` finds
 the largest and smallest singular values through it (ARPACK ``svds`` or LOBPCG).
+
+Residual connections (``net.inputs``, :mod:`refnet.layers.residual`). ``x^k`` and ``x^l`` are
+nodes of the graph and ``J^{k,l} = dx^l/dx^k`` is the total derivative through every path from
+node ``k`` to node ``l``, with the nodes that do not depend on ``x^k`` held fixed. Reverse mode
+adds the cotangents of the layers that read a node, forward mode adds the tangents at an
+:class:`~refnet.layers.Add`. Through a block ``x^a = phi(main(x^b) + shortcut(x^b))``
+
+.. math:: J^{b,a} = D^a \big(J_{\mathrm{main}}^{b,a} + J_{\mathrm{shortcut}}^{b,a}\big),
+
+with ``J_shortcut = I`` for the identity shortcut, the 0/1 selection matrix of
+:class:`~refnet.layers.SubsamplePad` for "option A", and the Jacobian of its layers for a
+projection; for a node ``k`` inside the main branch only the main path counts,
+``J^{k,a} = D^a J_main^{k,a}``.
+
+Batch normalization in train mode couples the examples: ``dx^l_b/dx^k_a`` is not zero for
+``a != b``, so there is no per-example Jacobian. :func:`jacobian`, :func:`layer_jacobians`,
+:func:`jacobian_svd` and :func:`jacobian_operator` refuse such a range (ValueError naming the layer
+and its mode); :func:`batch_jacobian` gives the ``(B, N_l, B, N_k)`` Jacobian of the batch map,
+and :func:`jvp` / :func:`vjp` are then the products of the batch map (one tangent or cotangent
+for the whole batch).
 """
 
 from __future__ import annotations
@@ -38,12 +58,14 @@ import numpy as np
 from scipy.sparse import linalg as spla
 
 from . import kernels
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, check_memory
 from .layers import Dense
-from .network import check_net
+from .network import check_net, couples_batch, n_inputs
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
+    "batch_jacobian",
+    "check_per_example",
     "check_range",
     "layer_jacobians",
     "jacobian",
@@ -69,6 +91,25 @@ def check_range(net, start, end) -> tuple[int, int]:
     return start, end
 
 
+def check_per_example(net, start: int, end: int, what: str) -> None:
+    """ValueError when a layer of ``start..end`` couples the examples (batch norm in train mode),
+    naming ``what``, the layer and its mode: such a range has no per-example Jacobian."""
+    for l in range(start, end):
+        layer = net.layers[l]
+        if couples_batch(layer):
+            raise ValueError(
+                f"{what} needs per-example maps, but layers[{l}] ({type(layer).__name__}) is in "
+                f"mode={getattr(layer, 'mode', 'train')!r}: its batch statistics couple the examples, so an "
+                "example's Jacobian is not defined. Use net.with_mode('eval') (running statistics) or "
+                "refnet.jacobians.batch_jacobian (the Jacobian of the batch map)"
+            )
+
+
+def _chain_range(net, start: int, end: int) -> bool:
+    """Whether layers ``start..end-1`` form a chain (each reads the node before it)."""
+    return all(net.inputs[l] == (l,) for l in range(start, end))
+
+
 # the names these checks had before they were public (refnet.spectrum still imports them)
 _check_net = check_net
 _check_range = check_range
@@ -82,6 +123,7 @@ def _budget(n_elements: int, max_elements, what: str) -> None:
             "use fewer examples per call, or use the matrix-free route: refnet.jacobians.jvp / vjp, "
             "jacobian_operator and extreme_singular_values"
         )
+    check_memory(8 * n_elements, what)  # float64: refuse up front what cannot be allocated
 
 
 # -------------------------------------------------------------------------------------------
@@ -97,17 +139,53 @@ def _trace(net, x, trace):
 
 
 def pullback(net, trace, G, start: int, end: int) -> np.ndarray:
-    """Pull a stack of cotangents ``G`` (B, m, N_end) back to ``x^start``: ``G J^{start,end}``."""
+    """Pull a stack of cotangents ``G`` (B, m, N_end) back to ``x^start``: ``G J^{start,end}``.
+
+    On a graph the stack of every node in ``start..end`` is accumulated over the layers reading it;
+    a node before ``start`` is held fixed (its stack is dropped)."""
+    if _chain_range(net, start, end):
+        for l in range(end - 1, start - 1, -1):
+            G = net.layers[l].vjp_many(net.params[l], trace.caches[l], G, net.masks[l], net.shapes[l], net.shapes[l + 1])
+        return G
+    acc = {end: G}
     for l in range(end - 1, start - 1, -1):
-        G = net.layers[l].vjp_many(net.params[l], trace.caches[l], G, net.masks[l], net.shapes[l], net.shapes[l + 1])
-    return G
+        Gl = acc.pop(l + 1, None)
+        if Gl is None:  # x^end does not depend on this node
+            continue
+        layer = net.layers[l]
+        out = layer.vjp_many(net.params[l], trace.caches[l], Gl, net.masks[l], net.in_shapes[l], net.shapes[l + 1])
+        for j, Gj in zip(net.inputs[l], out if n_inputs(layer) > 1 else (out,)):
+            if j >= start:
+                acc[j] = Gj if j not in acc else acc[j] + Gj
+    if start not in acc:  # no path from x^start to x^end
+        return np.zeros((G.shape[0], G.shape[1], prod(net.shapes[start])), dtype=G.dtype)
+    return acc[start]
 
 
 def pushforward(net, trace, V, start: int, end: int) -> np.ndarray:
-    """Push a stack of tangents ``V`` (B, m, N_start) forward to ``x^end``: rows of ``(J^{start,end} V^T)^T``."""
+    """Push a stack of tangents ``V`` (B, m, N_start) forward to ``x^end``: rows of ``(J^{start,end} V^T)^T``.
+
+    On a graph a layer reading only nodes that do not depend on ``x^start`` has a zero tangent; an
+    :class:`~refnet.layers.Add` sums the tangents it gets."""
+    if _chain_range(net, start, end):
+        for l in range(start, end):
+            V = net.layers[l].jvp_many(net.params[l], trace.caches[l], V, net.masks[l], net.shapes[l], net.shapes[l + 1])
+        return V
+    tan = {start: V}
     for l in range(start, end):
-        V = net.layers[l].jvp_many(net.params[l], trace.caches[l], V, net.masks[l], net.shapes[l], net.shapes[l + 1])
-    return V
+        layer, ins = net.layers[l], net.inputs[l]
+        if n_inputs(layer) > 1:
+            vs = tuple(tan.get(j) if j >= start else None for j in ins)
+            if all(v is None for v in vs):
+                continue
+        else:
+            vs = tan.get(ins[0]) if ins[0] >= start else None
+            if vs is None:
+                continue
+        tan[l + 1] = layer.jvp_many(net.params[l], trace.caches[l], vs, net.masks[l], net.in_shapes[l], net.shapes[l + 1])
+    if end not in tan:  # no path from x^start to x^end
+        return np.zeros((V.shape[0], V.shape[1], prod(net.shapes[end])), dtype=V.dtype)
+    return tan[end]
 
 
 # -------------------------------------------------------------------------------------------
@@ -132,14 +210,24 @@ def layer_jacobians(net, x, *, trace=None, max_elements=None) -> list[np.ndarray
     list of ndarray
         Entry ``l-1`` is ``J^{l-1,l}`` with shape ``(B, N_l, N_{l-1})``; ``D^l W^l`` for a Dense
         layer (:meth:`refnet.layers.Dense.jacobian`), ``D^l M^l`` with ``M^l`` the convolution's
-        operator matrix for a Conv2d layer, the identity for Flatten.
+        operator matrix for a Conv2d layer, the identity for Flatten. On a graph, entry ``l-1`` is
+        the Jacobian of ``layers[l-1]`` with respect to the node it reads (an
+        :class:`~refnet.layers.Add`: with respect to each of its inputs, the same ``D``).
+
+    Raises
+    ------
+    ValueError
+        A batch-normalization layer in train mode (no per-example Jacobian; see
+        :func:`batch_jacobian`).
     """
     check_net(net)
+    check_per_example(net, 0, net.n_layers, "layer_jacobians")
     trace = _trace(net, x, trace)
     B = trace.x.shape[0]
     out = []
     for l, layer in enumerate(net.layers):
-        n = B * prod(net.shapes[l + 1]) * prod(net.shapes[l])
+        n_in = prod(net.in_shapes[l][0]) if n_inputs(layer) > 1 else prod(net.in_shapes[l])
+        n = B * prod(net.shapes[l + 1]) * n_in
         _budget(n, max_elements, f"J^({l},{l + 1}) of {B} examples")
         out.append(layer.jacobian(net.params[l], trace.caches[l], net.masks[l]))
     return out
@@ -168,6 +256,7 @@ def jacobian(net, x, start: int = 0, end: int | None = None, *, mode: str = "aut
     check_net(net)
     start, end = check_range(net, start, end)
     mode = check_choice(mode, "mode", ["auto", "reverse", "forward"])
+    check_per_example(net, start, end, "jacobian")
     trace = _trace(net, x, trace)
     B = trace.x.shape[0]
     n_in, n_out = prod(net.shapes[start]), prod(net.shapes[end])
@@ -178,13 +267,46 @@ def jacobian(net, x, start: int = 0, end: int | None = None, *, mode: str = "aut
     _budget(B * m * widest, max_elements, f"J^({start},{end}) of {B} examples in {mode} mode")
     dtype = trace.x.dtype
     dense = [l for l in range(start, end) if not net.layers[l].flat_identity]
-    if dense and all(isinstance(net.layers[l], Dense) for l in dense):  # the one fast path by layer type
+    if dense and all(isinstance(net.layers[l], Dense) for l in dense) and _chain_range(net, start, end):  # the one fast path by layer type
         return _dense_chain(net, trace, dense, mode)
     if mode == "reverse":
         G = np.broadcast_to(np.eye(n_out, dtype=dtype), (B, n_out, n_out))
         return pullback(net, trace, G, start, end)  # (B, N_end, N_start)
     V = np.broadcast_to(np.eye(n_in, dtype=dtype), (B, n_in, n_in))
     return pushforward(net, trace, V, start, end).transpose(0, 2, 1)  # (B, N_end, N_start)
+
+
+def batch_jacobian(net, x, start: int = 0, end: int | None = None, *, trace=None, max_elements=None) -> np.ndarray:
+    r"""The Jacobian of the batch map ``X^start -> X^end``: ``J[b, i, a, j] = dx^end_{b,i} / dx^start_{a,j}``.
+
+    Defined for every network, and the only Jacobian of one whose batch-normalization layers are in
+    train mode (the batch statistics make example ``b``'s output depend on example ``a``). For a
+    per-example network it is block diagonal, ``J[b, :, b, :] = J^{start,end}_b`` (:func:`jacobian`)
+    and zero for ``a != b``. Reverse mode: ``B N_end`` unit cotangents of the whole batch pulled
+    back through the layers (each stacked vector is a cotangent of the batch map, as the layers'
+    ``vjp_many`` take it).
+
+    Parameters
+    ----------
+    net, x, start, end, trace, max_elements
+        As in :func:`jacobian`.
+
+    Returns
+    -------
+    ndarray, shape (B, N_end, B, N_start)
+    """
+    check_net(net)
+    start, end = check_range(net, start, end)
+    trace = _trace(net, x, trace)
+    B = trace.x.shape[0]
+    n_in, n_out = prod(net.shapes[start]), prod(net.shapes[end])
+    widest = max(prod(s) for s in net.shapes[start : end + 1])
+    _budget(B * B * n_out * widest, max_elements, f"the batch Jacobian J^({start},{end}) of {B} examples")
+    G = np.zeros((B, B * n_out, n_out), dtype=trace.x.dtype)  # G[a, (b, i), :] = delta_ab e_i
+    for b in range(B):
+        G[b, b * n_out : (b + 1) * n_out, :] = np.eye(n_out, dtype=G.dtype)
+    P = pullback(net, trace, G, start, end)  # (B_start, B_end N_end, N_start)
+    return P.reshape(B, B, n_out, n_in).transpose(1, 2, 0, 3).copy()
 
 
 def jacobian_svd(net, x, start: int = 0, end: int | None = None, *, full_matrices: bool = False, engine=None,
@@ -292,6 +414,7 @@ def jacobian_operator(net, x, start: int = 0, end: int | None = None) -> spla.Li
     """
     check_net(net)
     start, end = check_range(net, start, end)
+    check_per_example(net, start, end, "jacobian_operator")
     x = np.asarray(x)
     if x.shape == tuple(net.in_shape):
         x = x[None]

@@ -75,6 +75,9 @@ def _targets(z: np.ndarray, y, name: str = "y") -> np.ndarray:
         t = np.zeros((B, C), dtype=z.dtype)
         t[np.arange(B), labels] = 1.0
         return t
+    if y_arr.ndim != 2 or y_arr.shape != (B, C):  # the shape first: a (B, 1) column is not a dtype problem
+        hint = f": a column of labels; pass {name}.ravel()" if y_arr.shape == (B, 1) and C != 1 else ""
+        raise ValueError(f"{name} must be labels of shape ({B},) or targets of shape ({B}, {C}), got shape {y_arr.shape}{hint}")
     t = check_array(y_arr, name, shape=(B, C))
     return t.astype(z.dtype, copy=False)
 

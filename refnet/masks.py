@@ -308,7 +308,8 @@ def _is_mlp(net: Network) -> bool:
 def warn_collapse(net: Network, masks: list[dict], stacklevel: int = 2) -> None:
     """LayerCollapseWarning for each layer whose weights are all pruned, and once when the
     network is disconnected (MLPs: the 0/1 product of the weight masks from input to output is
-    all zero; other networks: some layer's weight mask is all zero)."""
+    all zero; other chains: some layer's weight mask is all zero; graphs: every path from the
+    input to the output runs through such a layer)."""
     collapsed = []
     for i, m in enumerate(masks):
         if "W" in m and not m["W"].any():
@@ -326,9 +327,15 @@ def warn_collapse(net: Network, masks: list[dict], stacklevel: int = 2) -> None:
                 reach = m["W"][:, reach].any(axis=1)  # units with a kept edge from a reached unit
         disconnected = not reach.any()
         why = "the product of the weight masks (0/1 connectivity) from input to output is all zero"
-    else:
+    elif getattr(net, "is_chain", True):
         disconnected = bool(collapsed)
         why = f"the weights of layers {collapsed} are all pruned"
+    else:  # a graph (residual blocks): a shortcut may carry the signal around a collapsed layer
+        reached = [True]  # node 0: the input; node l + 1: the output of layers[l]
+        for l, srcs in enumerate(net.inputs):
+            reached.append(l not in collapsed and any(reached[j] for j in srcs))
+        disconnected = not reached[-1]
+        why = f"the weights of layers {collapsed} are all pruned and no shortcut goes around them"
     if disconnected:
         warnings.warn(
             f"the pruned network is disconnected: no path from the input to the output ({why})",

@@ -20,6 +20,24 @@ comparing it with :meth:`refnet.network.Network.loss_and_grads` (:func:`prop1_re
 independent check of backprop. :func:`mask_gradients` is connection sensitivity by its own route:
 the derivative of ``L(c * W)`` with respect to the mask ``c``.
 
+Residual connections and batch normalization (docs/derivations.md, "Residual networks and batch
+normalization"). On a graph (``net.inputs``) layer ``l`` reads the node ``x^{in(l)}`` (``x^{l-1}`` in
+a chain) and ``J^{l,K} = dx^K/dx^l`` is the total derivative through every path from node ``l``
+to the output (:mod:`refnet.jacobians`), so form (i) reads
+
+.. math:: \frac{\partial L}{\partial W^l} = \sum_i \big(D^l_i (J^{l,K}_i)^T \varepsilon_i^T\big)
+          (x^{in(l)}_i)^T .
+
+A batch-normalization layer ``h = gamma xhat + beta`` is affine in its parameters with the
+normalised input ``xhat`` in the role of ``x^{in(l)}`` and a diagonal "weight":
+``dL/dgamma = sum_{i,positions} (D^l J^{l,K,T} eps^T) * xhat``, ``dL/dbeta = sum (D^l J^{l,K,T} eps^T)``.
+With batch normalization in train mode (batch statistics) downstream of ``l``, ``J^{l,K}`` couples
+the examples and ``(J^{l,K}_i)^T eps_i^T`` becomes ``sum_j (J^{l,K}_{ji})^T eps_j^T`` with
+``J_{ji} = dx^K_j / dx^l_i`` (:func:`refnet.jacobians.batch_jacobian`); the outer products with
+``x^{in(l)}_i`` are unchanged. Form (ii) holds for graphs of linear layers (identity activations,
+eval-mode batch normalization, additions, "option A" shortcuts), with
+``x^{in(l)} = J^{0,in(l)} x^0 + a^{in(l)}``.
+
 Batches are rows in code: ``x^{l-1}`` of a batch is ``(B, N_{l-1})``, ``eps`` is ``(B, N_K)``.
 The losses of :mod:`refnet.losses` are batch means, so the ``eps`` they return is already
 ``eps_i / B`` per row; the gradient of the mean loss, "the mean over examples of the per-example
@@ -35,10 +53,10 @@ import numpy as np
 
 from ._checks import check_choice
 from .conv import im2col
-from .jacobians import jacobian
+from .jacobians import batch_jacobian, jacobian
 from .layers import Conv2d, Dense
 from .losses import get_loss
-from .network import check_net
+from .network import check_net, couples_batch
 
 __all__ = ["prop1_gradients", "prop1_report", "format_prop1_report", "mask_gradients", "FORMS"]
 
@@ -115,13 +133,18 @@ def _outer_grads(layer, delta, inp, in_shape) -> dict:
     """
     B = delta.shape[0]
     # this oracle derives each layer type's gradient itself, on purpose (not the layers' code)
+    if "gamma" in layer.keys:  # batch norm, by its parameters (the layer protocol's names)
+        # h = gamma * xhat + beta: the "outer product" with a diagonal weight is its diagonal;
+        # ``inp`` is xhat, summed over the examples and the positions of each channel
+        d = delta.reshape(B, layer.num_features, -1)  # (B, C, S)
+        return {"gamma": np.einsum("bcs,bcs->c", d, inp.reshape(d.shape)), "beta": d.sum(axis=(0, 2))}
     if isinstance(layer, Dense):
         grads = {"W": np.einsum("bo,bi->oi", delta, inp)}  # (n_out, n_in): sum of outer products
         if layer.bias:
             grads["b"] = delta.sum(axis=0)  # (n_out,)
         return grads
     if not isinstance(layer, Conv2d):
-        raise TypeError(f"Proposition 1 is derived here for Dense and Conv2d layers, got {type(layer).__name__}")
+        raise TypeError(f"Proposition 1 is derived here for Dense, Conv2d and BatchNorm layers, got {type(layer).__name__}")
     # Conv2d: the same identity through the unfolded input
     cols = im2col(inp.reshape(B, *in_shape), layer.kernel_size, layer.stride, layer.padding, layer.padding_mode)
     d = delta.reshape(B, layer.c_out, -1)  # (B, c_out, P)
@@ -180,6 +203,7 @@ def prop1_gradients(net, x, y, loss="cross_entropy", form: str = "general", *, m
     x, trace, eps = _forward_and_eps(net, x, y, loss)
     B, K = x.shape[0], net.n_layers
     N_K = prod(net.shapes[K])
+    coupled_after = [any(couples_batch(layer) for layer in net.layers[l:]) for l in range(K + 1)]
     if form == "linear":
         # a^{l-1}: every x^{l-1} of the input x^0 = 0, i.e. the bias contributions alone
         _, trace0 = net.forward(np.zeros((1, *net.in_shape), dtype=x.dtype), return_trace=True)
@@ -189,26 +213,36 @@ def prop1_gradients(net, x, y, loss="cross_entropy", form: str = "general", *, m
         if not _is_affine(layer):
             grads.append({})
             continue
-        l = idx + 1  # paper index: this layer maps x^{l-1} to x^l
+        l = idx + 1  # paper index: this layer maps x^{l-1} (x^{in(l)} on a graph) to x^l
         cache = trace.caches[idx]
         # J^{l,K}: (B, N_K, N_l); J^{K,K} = I
         if l == K:
             J_lK = np.broadcast_to(np.eye(N_K, dtype=x.dtype), (B, N_K, N_K))
+            back = np.einsum("bkn,bk->bn", J_lK, eps)  # (B, N_l): J^{l,K}^T eps^T per example
+        elif coupled_after[l]:
+            # train-mode batch norm after l: J_{ji} = dx^K_j / dx^l_i couples the examples
+            J_lK = batch_jacobian(net, x, start=l, end=K, trace=trace, max_elements=max_elements)  # (B, N_K, B, N_l)
+            back = np.einsum("jkin,jk->in", J_lK, eps)  # (B, N_l): sum_j J_{ji}^T eps_j^T
         else:
             J_lK = jacobian(net, x, start=l, end=K, trace=trace, max_elements=max_elements)
-        back = np.einsum("bkn,bk->bn", J_lK, eps)  # (B, N_l): J^{l,K}^T eps^T per example
+            back = np.einsum("bkn,bk->bn", J_lK, eps)  # (B, N_l): J^{l,K}^T eps^T per example
+        bn = "gamma" in layer.keys  # batch norm: xhat (cache "xhat") in the role of x^{in(l)}
         if form == "general":
             delta = _rows(cache["D"]) * back  # (B, N_l): D^l J^{l,K}^T eps^T
-            inp = _rows(cache["x"])  # (B, N_{l-1}): x^{l-1}
+            inp = _rows(cache["xhat"] if bn else cache["x"])  # (B, N_{l-1}): x^{l-1} (xhat for batch norm)
         else:
             delta = back  # D^l = I
+            j = net.inputs[idx][0]  # the node the layer reads: l - 1 in a chain
             a = _rows(trace0.caches[idx]["x"])  # (1, N_{l-1}): x^{l-1} at x^0 = 0
-            if l == 1:
+            if j == 0:
                 inp = _rows(x) + a  # J^{0,0} = I
             else:
-                J_0l = jacobian(net, x, start=0, end=l - 1, trace=trace, max_elements=max_elements)  # (B, N_{l-1}, N_0)
+                J_0l = jacobian(net, x, start=0, end=j, trace=trace, max_elements=max_elements)  # (B, N_{l-1}, N_0)
                 inp = np.einsum("bnm,bm->bn", J_0l, _rows(x)) + a  # (B, N_{l-1}): J^{0,l-1} x^0 + a
-        g = _outer_grads(layer, delta, inp, net.shapes[idx])
+            if bn:  # xhat = (x - running_mean) / s, an affine function of x^{in(l)}
+                S = inp.shape[1] // layer.num_features
+                inp = (inp - np.repeat(cache["mean"], S)) * np.repeat(cache["inv_std"], S)
+        g = _outer_grads(layer, delta, inp, net.in_shapes[idx])
         mask = net.masks[idx]
         grads.append({k: g[k] * mask[k] for k in g})  # d/dW L(mask*W) = mask * dL/dW_eff
     return grads
@@ -272,7 +306,7 @@ def format_prop1_report(report) -> str:
     worst = 0.0
     for r in report:
         try:
-            gW = r["backprop"]["W"]
+            gW = r["backprop"]["W" if "W" in r["backprop"] else "gamma"]  # batch norm: its gamma
             row = (
                 f"{r['layer']:>5} {r['layer'] + 1:>3}  {r['type']:<8} {str(tuple(gW.shape)):<18} "
                 f"{float(np.max(np.abs(gW), initial=0.0)):>18.6e} {r['max_rel_diff']:>13.3e}"
@@ -321,6 +355,9 @@ def mask_gradients(net, x, y, loss="cross_entropy") -> list[dict]:
     """
     x, trace, eps = _forward_and_eps(net, x, y, loss)
     out: list = [None] * net.n_layers
+    if not net.is_chain:  # the cotangent of every node, summed over the layers reading it
+        cot = net.node_cotangents(trace, eps, input_grad=False)
+        return [layer.mask_grads(net.params[i], trace.caches[i], cot[i + 1]) for i, layer in enumerate(net.layers)]
     g = eps  # dL/dx^K, (B, *out_shape)
     for idx in range(net.n_layers - 1, -1, -1):
         layer, params, cache, mask = net.layers[idx], net.params[idx], trace.caches[idx], net.masks[idx]

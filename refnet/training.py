@@ -14,6 +14,13 @@ every parameter ``W`` with gradient ``g = dL/dW`` (exactly zero at pruned entrie
 Since ``g`` and ``v`` are zero wherever ``c = 0``, the stored ``W`` at pruned positions never
 changes and the effective weight ``c * W`` there stays exactly zero.
 
+All or nothing. :func:`train` checks every argument (the history file included: it is written
+once, status "running", before the first step) and then trains a working copy of the network; the
+caller's network receives the result only when the run completes (or the callback stops it). A
+run that fails in any way (divergence, Ctrl-C, a callback's exception) leaves the caller's network
+exactly as it was. Divergence raises :class:`TrainingDiverged` with the partial result attached
+(``.history`` and ``.net``, the working copy with the last finite parameters), so nothing is lost.
+
 Batches are epochs of a random permutation of the training rows drawn from
 ``numpy.random.default_rng(seed)``: each epoch visits ``floor(n / batch_size)`` full batches (the
 last ``n mod batch_size`` rows of that epoch's permutation are skipped, so every step sees exactly
@@ -30,19 +37,20 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ._checks import as_rng, check_array, check_float, check_int, check_labels
-from ._io import atomic_write_json
+from ._checks import as_rng, check_float, check_int
+from ._io import atomic_write_json, read_json
 from .losses import get_loss
 from .network import Network, check_net
 from .progress import Progress, progress_target
 
-__all__ = ["History", "train", "load_history"]
+__all__ = ["History", "TrainingDiverged", "train", "load_history"]
 
 HISTORY_FORMAT = "refnet.History"
 HISTORY_VERSION = 1
@@ -52,6 +60,31 @@ DEFAULT_N_EVALS = 20  # eval_every=None -> about this many evaluations over the 
 # ============================================================================================
 # History
 # ============================================================================================
+
+
+class TrainingDiverged(RuntimeError, FloatingPointError):
+    """Training diverged: a non-finite loss, network output, gradient or update.
+
+    A ``RuntimeError`` (a failed run, not a bad argument; also a ``FloatingPointError``, what
+    :func:`train` raised before, so existing ``except FloatingPointError`` clauses still catch it).
+    The message names the step. The caller's network is unchanged; the partial result is attached:
+
+    Attributes
+    ----------
+    history : History
+        The run so far, ``status == "diverged"`` and ``error`` the message (None if the exception
+        was made outside :func:`train`).
+    net : Network
+        The working copy :func:`train` trained: the parameters from before step ``step`` when the
+        message says "at step s", those after step ``step`` when it says "after step s" (finite
+        parameters whose output on the evaluation data is not).
+    step : int
+        The step named in the message.
+    """
+
+    def __init__(self, message: str, *, step: int, history=None, net=None):
+        super().__init__(message)
+        self.step, self.history, self.net = step, history, net
 
 
 @dataclass
@@ -165,7 +198,9 @@ class History:
         unknown = set(d) - names - derived
         if unknown:
             raise ValueError(f"d has unknown keys {sorted(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        values = {k: v for k, v in d.items() if k in names}
+        _check_history_fields(values)
+        return cls(**values)
 
     def save_json(self, path) -> None:
         """Write :meth:`to_dict` as JSON to ``path`` atomically (temporary file in the same
@@ -174,9 +209,64 @@ class History:
 
     @classmethod
     def load_json(cls, path) -> "History":
-        """Read a history written by :meth:`save_json`."""
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        """Read a history written by :meth:`save_json`. A damaged file (empty, truncated, not JSON)
+        or one that is not a history (another format, unknown keys, values of the wrong type) is a
+        ``ValueError`` naming the path and what is wrong."""
+        d = read_json(path, "history file")
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"history file {os.fspath(path)!r}: {exc}") from None
+
+
+_STATUSES = ("running", "completed", "stopped", "diverged", "interrupted", "failed")
+
+
+def _check_history_fields(v: dict) -> None:
+    """TypeError / ValueError naming the first entry of a history dict of the wrong type."""
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    def bad(key, want):
+        raise ValueError(f"d[{key!r}] must be {want}, got {v[key]!r:.80}")
+
+    for key in ("n_steps", "batch_size", "n_train", "n_test", "eval_every"):
+        if key in v and not (is_int(v[key]) and v[key] >= 0):
+            bad(key, "a non-negative int")
+    for key in ("lr", "momentum", "weight_decay", "wall_time"):
+        if key in v and not is_num(v[key]):
+            bad(key, "a number")
+    if "seed" in v and not (v["seed"] is None or is_int(v["seed"])):
+        bad("seed", "an int or null")
+    if "loss" in v and not isinstance(v["loss"], str):
+        bad("loss", "a str")
+    if "status" in v and v["status"] not in _STATUSES:
+        bad("status", f"one of {list(_STATUSES)}")
+    if "error" in v and not (v["error"] is None or isinstance(v["error"], str)):
+        bad("error", "a str or null")
+    if "meta" in v and not isinstance(v["meta"], dict):
+        bad("meta", "an object")
+    if "lr_schedule" in v and v["lr_schedule"] is not None:
+        sched = v["lr_schedule"]
+        if not isinstance(sched, list) or not all(isinstance(p, list) and len(p) == 2 and is_int(p[0]) and is_num(p[1])
+                                                   for p in sched):
+            bad("lr_schedule", "null or a list of [first_step, lr] pairs")
+    lengths = {}
+    for key, ok, want in (("steps", is_int, "ints"), ("train_loss", is_num, "numbers"), ("elapsed", is_num, "numbers"),
+                          ("test_loss", None, "numbers or nulls"), ("test_acc", None, "numbers or nulls"),
+                          ("train_acc", None, "numbers or nulls")):
+        if key not in v:
+            continue
+        check = ok or (lambda x: x is None or is_num(x))
+        if not isinstance(v[key], list) or not all(check(x) for x in v[key]):
+            bad(key, f"a list of {want}")
+        lengths[key] = len(v[key])
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"the lists of a history must have one entry per evaluation, got lengths {lengths}")
 
 
 def load_history(path) -> History:
@@ -189,28 +279,6 @@ def load_history(path) -> History:
 # ============================================================================================
 
 
-def _check_targets(net: Network, X, y, xname: str, yname: str):
-    X = net.check_input(X, xname)
-    if X.shape[0] == 0:
-        raise ValueError(f"{xname} must hold at least one example, got shape {X.shape}")
-    n_classes = net.out_shape[0]
-    y_arr = np.asarray(y)
-    if y_arr.ndim == 2:
-        y_arr = check_array(y_arr, yname, shape=(X.shape[0], n_classes), dtype=net.dtype)
-    else:
-        if y_arr.ndim != 1:
-            raise ValueError(
-                f"{yname} must be labels of shape ({X.shape[0]},) or targets ({X.shape[0]}, {n_classes}), "
-                f"got shape {y_arr.shape}"
-            )
-        if y_arr.shape[0] != X.shape[0]:
-            raise ValueError(
-                f"{yname} must have one label per row of {xname} ({X.shape[0]}), got {y_arr.shape[0]}"
-            )
-        y_arr = check_labels(y_arr, yname, n=X.shape[0], n_classes=n_classes)
-    return X, y_arr
-
-
 def _loss_name(loss) -> str:
     if isinstance(loss, str):
         return loss
@@ -219,21 +287,22 @@ def _loss_name(loss) -> str:
 
 def _evaluate(net: Network, X, y, loss_fn, step: int, what: str, batch_size: int = 1000) -> tuple[float, float]:
     """Mean loss and accuracy, as :meth:`Network.evaluate`, but a non-finite network output is a
-    FloatingPointError (the net diverged) rather than the loss's ValueError."""
+    :class:`TrainingDiverged` rather than the loss's ValueError."""
     total, correct = 0.0, 0
     labels = y if y.ndim == 1 else y.argmax(axis=1)
     with np.errstate(over="ignore", invalid="ignore"):
         for i in range(0, len(X), batch_size):
             out = net.forward(X[i : i + batch_size])  # (b, n_classes)
             if not np.isfinite(out).all():
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"training diverged after step {step}: the network output on the {what} is not "
-                    "finite; try a smaller lr"
+                    "finite; try a smaller lr", step=step
                 )
             value, _ = loss_fn(out, y[i : i + batch_size])
             if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"training diverged after step {step}: the loss on the {what} is {value}; try a smaller lr"
+                raise TrainingDiverged(
+                    f"training diverged after step {step}: the loss on the {what} is {value}; try a smaller lr",
+                    step=step
                 )
             total += float(value) * len(out)
             correct += int(np.sum(out.argmax(axis=1) == labels[i : i + batch_size]))
@@ -302,7 +371,7 @@ def _check_train_args(net, X, y, *, steps, lr, batch_size, momentum, weight_deca
     check_net(net)
     if len(net.out_shape) != 1:
         raise ValueError(f"net must output (B, n_classes) logits for training, got per-example shape {net.out_shape}")
-    X, y = _check_targets(net, X, y, "X", "y")
+    X, y = net.check_targets(X, y, "X", "y")
     n = X.shape[0]
     steps = check_int(steps, "steps", min_value=1)
     phases = _check_lr(lr, steps)  # [(first_step, lr), ...]
@@ -315,7 +384,7 @@ def _check_train_args(net, X, y, *, steps, lr, batch_size, momentum, weight_deca
     if (X_test is None) != (y_test is None):
         raise ValueError("X_test and y_test must be given together (or neither)")
     if X_test is not None:
-        X_test, y_test = _check_targets(net, X_test, y_test, "X_test", "y_test")
+        X_test, y_test = net.check_targets(X_test, y_test, "X_test", "y_test")
     if eval_every is None:
         eval_every = max(1, steps // DEFAULT_N_EVALS)
     else:
@@ -323,8 +392,14 @@ def _check_train_args(net, X, y, *, steps, lr, batch_size, momentum, weight_deca
     stream = progress_target(progress)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-    if history_path is not None and not isinstance(history_path, (str, os.PathLike)):
-        raise TypeError(f"history_path must be a str or os.PathLike, got {type(history_path).__name__}")
+    if history_path is not None:
+        if not isinstance(history_path, (str, os.PathLike)):
+            raise TypeError(f"history_path must be a str or os.PathLike, got {type(history_path).__name__}")
+        if not os.fspath(history_path):
+            raise ValueError("history_path must be a file path, got an empty one")
+        if os.path.isdir(history_path):
+            raise ValueError("history_path must be a file path such as run/history.json, got the folder "
+                             f"{os.fspath(history_path)!r}")
     train_eval_size = check_int(train_eval_size, "train_eval_size", min_value=0)
     if meta is None:
         meta = {}
@@ -336,10 +411,11 @@ def _check_train_args(net, X, y, *, steps, lr, batch_size, momentum, weight_deca
         raise ValueError(f"meta must be JSON-able: {exc}") from None
     seed_value = None if isinstance(seed, np.random.Generator) else seed
     rng = as_rng(seed)
-    for i, (p, m) in enumerate(zip(net.params, net.masks)):
+    net.check_finite("net")  # pruned entries may hold anything; kept ones must be finite
+    for i, p in enumerate(net.params):
         for k, a in p.items():
-            if not np.all(np.isfinite(a[m[k]])):
-                raise ValueError(f"net.params[{i}][{k!r}] must be finite at kept entries before training")
+            if not a.flags.writeable:
+                raise ValueError(f"net.params[{i}][{k!r}] is read-only; train writes the trained values into it")
     history = History(
         n_steps=steps,
         lr=phases[0][1],
@@ -389,26 +465,28 @@ class _SGD:
                         for l in range(len(params))]
         self.velocity = ([{k: np.zeros_like(params[l][k]) for k in self.keys[l]} for l in range(len(params))]
                          if momentum else None)
+        self.track_stats = net.mode == "train"  # batch norm in train mode: update the running statistics
 
     def step(self, step: int, xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         """One step on the batch ``(xb, yb)`` with learning rate ``lr``; returns its objective
-        (mean loss + weight decay). FloatingPointError (naming ``step``) on a non-finite loss,
-        network output or update."""
+        (mean loss + weight decay). :class:`TrainingDiverged` (naming ``step``) on a non-finite
+        loss, network output or update (at a kept entry)."""
         net, params, velocity = self.net, self.net.params, self.velocity
         with np.errstate(over="ignore", invalid="ignore"):
             try:
-                value, grads = net.loss_and_grads(xb, yb, loss=self.loss_fn, weight_decay=self.weight_decay)
+                value, grads, trace = net.loss_and_grads(xb, yb, loss=self.loss_fn, weight_decay=self.weight_decay,
+                                                         return_trace=True)
             except ValueError as exc:
                 # the inputs were validated, so a failure here is non-finite activations
                 # (the loss refuses non-finite logits); anything else is re-raised as is
                 if np.isfinite(net.forward(xb)).all():
                     raise
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"training diverged at step {step}: the network output is not finite ({exc}); "
-                    "try a smaller lr"
+                    "try a smaller lr", step=step
                 ) from exc
         if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged at step {step}: loss is {value}; try a smaller lr")
+            raise TrainingDiverged(f"training diverged at step {step}: loss is {value}; try a smaller lr", step=step)
         updates = []
         for l, (p, g) in enumerate(zip(params, grads)):
             for k in self.keys[l]:
@@ -421,16 +499,26 @@ class _SGD:
                     v = gk
                 with np.errstate(over="ignore", invalid="ignore"):
                     new = p[k] - lr * v  # W - eta v
-                if not np.isfinite(new).all():
-                    raise FloatingPointError(
+                kept = self.partial[l][k]  # pruned entries (v = 0) keep their stored value, whatever it is
+                if not (np.isfinite(new).all() or (kept is not None and np.isfinite(new[kept]).all())):
+                    raise TrainingDiverged(
                         f"training diverged at step {step}: non-finite update of params[{l}][{k!r}] "
-                        f"(loss {value:.6g}); try a smaller lr"
+                        f"(loss {value:.6g}); try a smaller lr", step=step
                     )
                 updates.append((l, k, v, new))
+        # running statistics of train-mode batch norm (PyTorch's update), applied with the step
+        stats = net.updated_buffers(trace) if self.track_stats else None
+        if stats is not None and not all(np.isfinite(a).all() for b in stats for a in b.values()):
+            raise TrainingDiverged(f"training diverged at step {step}: non-finite batch-norm running statistics "
+                                   f"(loss {value:.6g}); try a smaller lr", step=step)
         for l, k, v, new in updates:
             params[l][k][...] = new
             if velocity is not None:
                 velocity[l][k] = v
+        if stats is not None:
+            for buf, new in zip(net.buffers, stats):
+                for k in buf:
+                    buf[k][...] = new[k]
         return value
 
 
@@ -440,6 +528,8 @@ class _Recorder:
 
     def __init__(self, net: Network, s: _TrainSetup):
         self.net, self.s, self.hist = net, s, s.history
+        # evaluations use batch norm's running statistics (PyTorch's model.eval()): a view sharing the arrays
+        self.eval_net = net.with_mode("eval", share=True) if net.mode == "train" else net
         n = s.X.shape[0]
         self.X_tr_eval = s.X[: min(n, s.train_eval_size)]
         self.y_tr_eval = s.y[: min(n, s.train_eval_size)]
@@ -467,10 +557,10 @@ class _Recorder:
         # compute everything first, so that a failure leaves the lists consistent
         tl = ta = tra = None
         if s.X_test is not None:
-            tl, ta = _evaluate(self.net, s.X_test, s.y_test, s.loss_fn, step, "test set")
+            tl, ta = _evaluate(self.eval_net, s.X_test, s.y_test, s.loss_fn, step, "test set")
             self.last_acc = ta
         if len(self.X_tr_eval):
-            tra = _evaluate(self.net, self.X_tr_eval, self.y_tr_eval, s.loss_fn, step, "training rows")[1]
+            tra = _evaluate(self.eval_net, self.X_tr_eval, self.y_tr_eval, s.loss_fn, step, "training rows")[1]
         hist.steps.append(step)
         hist.train_loss.append(self.loss_sum / self.loss_count)
         hist.test_loss.append(tl)
@@ -483,13 +573,18 @@ class _Recorder:
     @contextlib.contextmanager
     def ending(self):
         """Record how the run ends: an exception sets ``status`` ("diverged", "interrupted" or
-        "failed") and ``error``, writes the history and propagates."""
+        "failed") and ``error``, writes the history and propagates; a divergence gets the history
+        and the working network attached (:class:`TrainingDiverged`)."""
         hist = self.hist
         try:
             yield
         except FloatingPointError as exc:
             hist.status, hist.error = "diverged", str(exc)
             self.save()
+            if not isinstance(exc, TrainingDiverged):  # pragma: no cover - every divergence is one
+                m = re.search(r"step (\d+)", str(exc))
+                raise TrainingDiverged(str(exc), step=int(m[1]) if m else 0, history=hist, net=self.net) from exc
+            exc.history, exc.net = hist, self.net
             raise
         except KeyboardInterrupt:
             hist.status, hist.error = "interrupted", "KeyboardInterrupt"
@@ -528,7 +623,7 @@ def train(
     train_eval_size: int = 1000,
     meta: dict | None = None,
 ) -> History:
-    r"""Train ``net`` in place with mini-batch SGD and heavy-ball momentum.
+    r"""Train ``net`` with mini-batch SGD and heavy-ball momentum, all or nothing.
 
     Each step draws the next batch of ``batch_size`` rows (epochs of a permutation from
     ``seed``), computes the mean loss plus ``weight_decay * sum_l ||c^l * W^l||^2`` and its
@@ -536,8 +631,21 @@ def train(
 
     .. math:: v \leftarrow \mu v + g, \qquad W \leftarrow W - \eta v.
 
-    ``net.params`` arrays are updated in place (the same array objects), so the ``net`` passed
-    in ends trained. Pruned entries have ``g = v = 0``: the stored ``W`` there never changes.
+    Every argument is checked first (the history file is written once, status "running", before
+    the first step, so a path that cannot be written fails here). A working copy of ``net`` is
+    trained; when the run completes or the callback stops it, the result is written into
+    ``net.params`` (the same array objects, updated in place), so the ``net`` passed in ends
+    trained. Any failure (divergence, Ctrl-C, an exception of the callback) leaves ``net``
+    exactly as it was. Pruned entries have ``g = v = 0``: the stored ``W`` there never changes
+    (it may hold anything, NaN included: the effective weight is ``where(c, W, 0)``); kept
+    parameters must be finite.
+
+    Batch normalization: in train mode (``net.mode == "train"``) every step normalises with the
+    batch statistics and then updates the running statistics (``net.buffers``, committed with the
+    parameters) as PyTorch does (:meth:`Network.updated_buffers`: momentum, unbiased batch
+    variance); the evaluations use the running statistics (eval mode, as PyTorch's
+    ``model.eval()``). A network in eval mode trains with its running statistics fixed. ``gamma``
+    and ``beta`` are trained like biases (no weight decay).
 
     Parameters
     ----------
@@ -572,8 +680,9 @@ def train(
         second. None: on stderr only if stderr is a terminal; True: stderr; False: none; a
         stream: there.
     callback : callable, optional
-        Called after every evaluation as ``callback(history, net)``; if it returns True training
-        stops (``history.status == "stopped"``).
+        Called after every evaluation as ``callback(history, work)``, ``work`` the working copy
+        being trained; if it returns True training stops (``history.status == "stopped"``) and
+        the result is committed to ``net``.
     history_path : str or os.PathLike, optional
         The history is written there (atomically, as JSON) after every evaluation and when the
         run ends, also when it ends by an error, so an interrupted run keeps what it finished.
@@ -590,12 +699,15 @@ def train(
     Raises
     ------
     TypeError, ValueError
-        Bad arguments (the message names the argument); the network is not touched.
-    FloatingPointError
-        Training diverged; the message names the step. "at step s": the loss, the output, a
-        gradient or an updated parameter of step s was non-finite, and the network keeps the
+        Bad arguments (the message names the argument, non-finite kept parameters name the layer,
+        an unwritable ``history_path`` names it); nothing has run.
+    TrainingDiverged
+        (a ``RuntimeError`` and a ``FloatingPointError``) Training diverged; the message names the
+        step, ``net`` is unchanged, and the exception carries the partial result: ``.history``
+        (``status="diverged"``) and ``.net``, the working copy. "at step s": the loss, the output,
+        a gradient or an updated (kept) parameter of step s was non-finite, and ``.net`` holds the
         parameters from before step s. "after step s": the parameters after step s are finite but
-        the network's output on the evaluation data is not (the network keeps them). The history
+        the network's output on the evaluation data is not (``.net`` holds them). The history
         file, if any, is written with ``status="diverged"``.
     """
     s = _check_train_args(net, X, y, steps=steps, lr=lr, batch_size=batch_size, momentum=momentum,
@@ -603,20 +715,32 @@ def train(
                           eval_every=eval_every, progress=progress, callback=callback, history_path=history_path,
                           train_eval_size=train_eval_size, meta=meta)
     hist = s.history
-    sgd = _SGD(net, s.momentum, s.weight_decay, s.loss_fn)
+    work = net.copy()  # trained here; the caller's net gets the result only at the end
+    rec = _Recorder(work, s)
+    if s.history_path is not None:
+        try:  # the first write, before the first step: a path that cannot be written fails now
+            rec.save()
+        except OSError as exc:
+            raise ValueError(f"history_path {os.fspath(s.history_path)!r} cannot be written: {exc}") from None
+    sgd = _SGD(work, s.momentum, s.weight_decay, s.loss_fn)
     batches = _batches(s.rng, s.X.shape[0], s.batch_size)
     with Progress(False if s.stream is None else s.stream, s.steps, desc="step", unit="steps") as bar:
-        rec = _Recorder(net, s)
         with rec.ending():
             for step in range(1, s.steps + 1):
                 idx = next(batches)  # (batch_size,) rows of this step
                 rec.add(sgd.step(step, s.X[idx], s.y[idx], s.lr_at(step)))
                 if step % s.eval_every == 0 or step == s.steps:
                     rec.evaluate(step)
-                    if s.callback is not None and s.callback(hist, net) is True:
+                    if s.callback is not None and s.callback(hist, work) is True:
                         hist.status = "stopped"
                         break
                 bar.update(postfix=rec.postfix)
             else:
                 hist.status = "completed"
+    for dst, src in zip(net.params, work.params):  # commit: the same array objects, updated in place
+        for k in dst:
+            dst[k][...] = src[k]
+    for dst, src in zip(net.buffers, work.buffers):  # batch norm's running statistics
+        for k in dst:
+            dst[k][...] = src[k]
     return hist

@@ -20,7 +20,7 @@ import torch.nn.utils.prune as prune  # noqa: E402
 from torch import nn  # noqa: E402
 
 from refnet import audit  # noqa: E402
-from refnet.audit import fx, graph  # noqa: E402
+from refnet.audit import fx, fx_ops, graph  # noqa: E402
 from refnet.layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d  # noqa: E402
 
 F64 = "float64"
@@ -342,30 +342,58 @@ def test_unsupported_operations_are_refused_naming_the_node(fwd, match):
         audit.from_torch(M(), (4,))
 
 
-def test_residual_add_and_batchnorm_are_refused_naming_the_node():
-    # planted bug seen failing: operator.add missing from the table (refused as an unknown
-    # operation, without saying why)
+def test_residual_add_and_batchnorm_import_and_their_limits_are_named():
+    # planted bugs seen failing: operator.add missing from the table (refused as an unknown
+    # operation); an activation fused into a layer whose output a shortcut also reads (the
+    # probe then named the addition); the x + x refusal removed (imported as Add of one input)
     torch.manual_seed(0)
 
     class Block(nn.Module):
-        def __init__(self, bn=False):
+        def __init__(self, bn=False, tap=False):
             super().__init__()
             self.a = nn.Linear(6, 6)
             self.bn = nn.BatchNorm1d(6) if bn else nn.Identity()
             self.b = nn.Linear(6, 6)
+            self.tap = tap
 
         def forward(self, x):
-            out = self.b(F.relu(self.bn(self.a(x))))
-            return out + x
+            h = self.bn(self.a(x))
+            out = self.b(F.relu(h))
+            return out + (h if self.tap else x)
 
-    with pytest.raises(ValueError, match=r"node 4 'add' \(operator.add\): a residual addition .* refused until "
-                                         r"refnet's engine has residual composition"):
-        audit.from_torch(Block(), (6,))
-    with pytest.raises(ValueError, match=r"module 1 \('bn': BatchNorm1d.*BatchNorm is refused until refnet's engine has a "
-                                         "BatchNorm layer"):
-        audit.from_torch(Block(bn=True).eval(), (6,))
-    # the table entries that a future engine layer replaces
-    assert set(graph.REFUSED) == {"batch_norm", "residual_add"}
+    for bn in (False, True):
+        for train in (False, True):
+            block = Block(bn=bn).train(train)
+            net = audit.from_torch(block, (6,))
+            assert [type(l).__name__ for l in net.layers] == (["Dense", "BatchNorm1d", "Dense", "Add"] if bn else
+                                                              ["Dense", "Dense", "Add"])
+            assert net.inputs[-1] == ((3, 0) if bn else (2, 0))
+            if bn:
+                assert net.layers[1].mode == ("train" if train else "eval")
+            with torch.no_grad():
+                x = torch.randn(7, 6, dtype=torch.float64)
+                want = fx.deepcopy_module(block).double()(x).numpy()
+            np.testing.assert_allclose(net.forward(x.numpy()), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"an activation of 'a' \(Linear\), whose output 'add' \(operator.add\) also reads"):
+        audit.from_torch(Block(tap=True), (6,))
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.a(x)
+            return h + h
+
+    with pytest.raises(ValueError, match=r"'add' \(operator.add\).*a tensor added to itself"):
+        audit.from_torch(Twice(), (6,))
+    with pytest.raises(ValueError, match=r"module 0 \('0': BatchNorm3d.*refnet has BatchNorm1d and BatchNorm2d"):
+        audit.from_torch(nn.Sequential(nn.BatchNorm3d(2)), (2, 2, 2, 2))
+    bn = nn.BatchNorm1d(6, momentum=None)
+    with pytest.raises(ValueError, match=r"module 1 \('1': BatchNorm1d.*momentum=None"):
+        audit.from_torch(nn.Sequential(nn.Linear(6, 6), bn).eval(), (6,))
+    assert not graph.REFUSED  # nothing is refused for want of an engine layer any more
 
 
 def test_untraceable_forward_and_inplace_and_other_refusals():
@@ -434,8 +462,8 @@ def test_the_probe_catches_a_wrong_mapping(monkeypatch):
         got = fx_torch_activation(m, nn_)
         return ("sigmoid", {}) if got == ("tanh", {}) else got
 
-    fx_torch_activation = fx.torch_activation
-    monkeypatch.setattr(fx, "torch_activation", wrong_activation)
+    fx_torch_activation = fx_ops.torch_activation
+    monkeypatch.setattr(fx_ops, "torch_activation", wrong_activation)
     with pytest.raises(ValueError, match=r"module 1 \('1': Tanh\(\)\) differs \(refnet layer 0 output"):
         audit.from_torch(module, (1, 6, 6))
 
@@ -471,14 +499,14 @@ def test_cli_torch_module_factory(tmp_path, capsys):
         "def make():\n"
         "    torch.manual_seed(0)\n"
         "    return Net()\n\n"
-        "def residual():\n"
+        "def concat():\n"
         "    class R(nn.Module):\n"
         "        def __init__(self):\n"
         "            super().__init__()\n"
         "            self.a = nn.Linear(784, 784)\n"
-        "            self.b = nn.Linear(784, 10)\n"
+        "            self.b = nn.Linear(2 * 784, 10)\n"
         "        def forward(self, x):\n"
-        "            return self.b(self.a(x) + x)\n"
+        "            return self.b(torch.cat([self.a(x), x], 1))\n"
         "    return R()\n"
     )
     out = tmp_path / "out"
@@ -510,7 +538,7 @@ def test_cli_torch_module_factory(tmp_path, capsys):
     loaded = audit.load_torch_state(mod.Net(), tmp_path / "w.pt")
     assert torch.equal(loaded.fc.weight, other.fc.weight) and loaded.fc.weight.dtype == torch.float64
     cases = [
-        ([f"{tmp_path / 'model.py'}:residual"], "node 1 'add' (operator.add): a residual addition"),
+        ([f"{tmp_path / 'model.py'}:concat"], "unsupported operation node 1 'cat' (torch.cat)"),
         ([f"{tmp_path / 'model.py'}:nope"], "has no callable 'nope'"),
         ([str(tmp_path / "model.py")], "expected FILE.py:FACTORY"),
         ([f"{tmp_path / 'missing.py'}:make"], "does not exist"),

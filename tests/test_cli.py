@@ -495,3 +495,50 @@ def test_figures_have_one_home(tmp_path):
     assert path == str(tmp_path / "sub" / "curves.png")
     assert (tmp_path / "sub" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["curves.png"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------------------------
+# output folders: one run's files, refused without --overwrite, one run at a time
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_earlier_runs_folder_is_refused_without_overwrite(tmp_path, capsys):
+    # planted bugs seen failing: no prepare_out (the second run wrote into the first's folder);
+    # --overwrite without removing the earlier files (a diverged second run left its history
+    # beside the first run's network)
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic", "--arch", "mlp-2-tanh", "--steps", "3", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(first) == {"history.json", "net.npz", "run.json"}
+    capsys.readouterr()
+    assert main(argv + ["--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # untouched
+    # a second run that fails (diverges) with --overwrite: no file of the first run is left
+    assert main(argv + ["--overwrite", "--lr", "1e300", "--arch", "mlp-2-linear"]) == 1
+    assert "diverged" in capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert "net.npz" not in names and json.loads((out / "history.json").read_text())["status"] == "diverged"
+    assert json.loads((out / "run.json").read_text())["status"] == "diverged"
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    # planted bug seen failing: no lock (two runs wrote into one folder at once)
+    import os
+    import socket
+
+    from refnet.cli.args import LOCK_NAME
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live run (this process)
+    argv = ["spectrum", "--data", "synthetic", "--arch", "mlp-2-tanh", "--n-examples", "5", "--out", str(out)]
+    assert main(argv + ["--overwrite"]) == 2
+    assert "in use" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()} {int(proc.stdout)}\n")  # a run that is gone
+    assert main(argv + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == ["run.json", "stats.json"]

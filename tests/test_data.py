@@ -100,7 +100,7 @@ def make_idx_dir(folder, *, n_train=30, n_test=10, gz=False, seed=0, size=28):
 
 
 def test_datasets_table():
-    assert set(data.DATASETS) == {"mnist5k", "digits", "mnist", "fashion-mnist", "synthetic"}
+    assert set(data.DATASETS) == {"mnist5k", "digits", "mnist", "fashion-mnist", "synthetic", "cifar10", "mnist5k-32"}
     for name, meta in data.DATASETS.items():
         assert meta.name == name
         assert len(meta.image_shape) == 3 and meta.n_classes >= 2 and meta.description
@@ -113,7 +113,7 @@ def test_datasets_table():
     assert data.info("digits").in_shape() == (64,)
     assert data.info("Fashion_MNIST").name == "fashion-mnist"
     with pytest.raises(ValueError, match="mnist5k.*digits.*synthetic"):
-        data.info("cifar10")
+        data.info("cifar100")
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,7 +573,7 @@ def test_digits_disk_cache_round_trip(fresh_cache):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="name must be one of.*mnist5k.*fashion-mnist"):
-        data.load("cifar10")
+        data.load("cifar100")
     with pytest.raises(ValueError, match=r"split must be one of \['train', 'test', 'all'\]"):
         data.load("synthetic", split="val")
     for bad in (np.float16, np.int32, "complex128"):
@@ -638,3 +638,17 @@ def test_batches_errors_are_eager():
         data.batches(X, np.zeros(5, np.int64), 0)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         data.batches(X, np.zeros(5, np.int64), 2.0)
+
+
+def test_data_dir_for_a_bundled_dataset_and_empty_classes_are_errors(tmp_path, monkeypatch):
+    # planted bugs seen failing: data_dir silently ignored for mnist5k / digits / synthetic;
+    # make_synthetic(2, n_classes=4) returned two classes of four
+    for name in ("digits", "synthetic"):
+        with pytest.raises(ValueError, match=rf"data_dir is only read for the datasets .*{name!r}"):
+            data.load(name, data_dir=tmp_path)
+    assert data.check_data_dir("synthetic", None) == []
+    monkeypatch.delenv("REFNET_DATA_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="no folder was given"):
+        data.check_data_dir("mnist", None)
+    with pytest.raises(ValueError, match=r"n must be >= n_classes \(4\)"):
+        data.make_synthetic(2, n_classes=4)

@@ -30,7 +30,8 @@ TOL = 1e-12
 @st.composite
 def layer_cases(draw):
     """A layer, its per-example input shape, and whether to mask its parameters."""
-    kind = draw(st.sampled_from(["dense", "conv", "avg", "max", "gap", "flatten_image", "flatten_flat"]))
+    kind = draw(st.sampled_from(["dense", "conv", "avg", "max", "gap", "flatten_image", "flatten_flat",
+                                 "bn1d", "bn2d", "subsample"]))
     act = draw(st.sampled_from(ACTIVATIONS))
     bias = draw(st.booleans())
     if kind == "dense":
@@ -38,6 +39,9 @@ def layer_cases(draw):
         return rn.Dense(n_in, n_out, activation=act, bias=bias), (n_in,), draw(st.booleans())
     if kind == "flatten_flat":
         return rn.Flatten(), (draw(st.integers(1, 9)),), False
+    if kind == "bn1d":  # eval mode: train mode couples the examples and has no per-example Jacobian
+        C = draw(st.integers(1, 6))
+        return rn.BatchNorm1d(C, mode="eval", activation=act, affine=draw(st.booleans())), (C,), draw(st.booleans())
     C, H, W = draw(st.integers(1, 3)), draw(st.integers(2, 7)), draw(st.integers(2, 7))
     if kind == "conv":
         kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
@@ -52,12 +56,21 @@ def layer_cases(draw):
     if kind in ("avg", "max"):
         k = draw(st.integers(1, min(H, W)))
         return (rn.AvgPool2d(k) if kind == "avg" else rn.MaxPool2d(k)), (C, H, W), False
+    if kind == "bn2d":
+        return rn.BatchNorm2d(C, mode="eval", activation=act, affine=draw(st.booleans())), (C, H, W), draw(st.booleans())
+    if kind == "subsample":
+        pads = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        return rn.SubsamplePad(stride=draw(st.integers(1, 3)), pad_channels=pads), (C, H, W), False
     return (rn.GlobalAvgPool2d() if kind == "gap" else rn.Flatten()), (C, H, W), False
 
 
 def _setup(layer, in_shape, masked, rng, B):
     params = layer.init(rng, in_shape, rn.get_initializer("lecun", sigma_b=0.5), np.float64)
     mask = {k: rng.random(v.shape) < 0.6 for k, v in params.items()} if masked else None
+    if hasattr(layer, "init_buffers"):  # eval-mode BatchNorm: random running statistics beside the params
+        params = dict(params)
+        params["running_mean"] = rng.standard_normal(layer.num_features)
+        params["running_var"] = rng.uniform(0.5, 2.0, layer.num_features)
     x = rng.standard_normal((B, *in_shape))
     y, cache = layer.forward(params, x, mask)
     return params, mask, x, y, cache
@@ -112,7 +125,7 @@ def test_every_layer_type_is_drawn():
         seen.add(type(case[0]).__name__)
 
     collect()
-    assert seen == set(L.LAYER_TYPES)
+    assert seen == set(L.LAYER_TYPES) - {"Add"}  # Add takes several inputs: tests/test_residual.py
 
 
 @pytest.mark.parametrize("chunk", [1, 50, 10**9])
@@ -165,13 +178,14 @@ def test_mask_grads_is_unmasked_backprop_times_w(case, B, seed):
     params, mask, x, y, cache = _setup(layer, in_shape, masked, rng, B)
     g = rng.standard_normal(y.shape)  # dL/dy
     got = layer.mask_grads(params, cache, g)
-    assert set(got) == set(params)
+    keys = layer.keys  # the parameters (not BatchNorm's running statistics)
+    assert set(got) == set(keys)
     _, g_eff = layer.vjp(params, cache, g, None)  # dL/d theta_eff: the same trace, no mask applied
-    for k in params:
+    for k in keys:
         _close(got[k], g_eff[k] * params[k])
     if not masked:  # at c = 1 it is g * w with g the layer's own gradient
-        _, grads = layer.vjp(params, cache, g, {k: np.ones(v.shape, bool) for k, v in params.items()})
-        for k in params:
+        _, grads = layer.vjp(params, cache, g, {k: np.ones(params[k].shape, bool) for k in keys})
+        for k in keys:
             _close(got[k], grads[k] * params[k])
 
 

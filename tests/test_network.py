@@ -313,10 +313,10 @@ def test_load_rejects_bad_files(tmp_path):
     with pytest.raises(ValueError, match="must be finite"):
         rn.load_network(tmp_path / "nan.npz")
     np.savez(tmp_path / "obj.npz", config=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(ValueError, match="not a readable refnet"):
+    with pytest.raises(ValueError, match="obj.npz.*would need pickle"):
         rn.load_network(tmp_path / "obj.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable refnet"):
+    with pytest.raises(ValueError, match="junk.npz' is not a .npz archive"):
         rn.load_network(tmp_path / "junk.npz")
 
 
@@ -392,3 +392,84 @@ def test_every_activation_serialises(act, tmp_path):
     net = rn.mlp([3, 4, 2], activation=act, seed=0)
     net.save(tmp_path / "n.npz")
     assert rn.load_network(tmp_path / "n.npz").layers == net.layers
+
+
+# ------------------------------------------------------------------------------------------------
+# one rule for non-finite weights: a pruned entry contributes exactly zero, whatever it stores
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.95])  # the dense-block and the CSR fast paths
+@pytest.mark.parametrize("fill", [np.nan, np.inf])
+def test_non_finite_stored_at_pruned_entries_never_leaks(engine, sparsity, fill):
+    # planted bugs seen failing: effective_param as mask * W (0 * NaN = NaN); Dense calling the
+    # masked-product kernel without a second pass on where(mask, W, 0) (its fast path forms mask * W)
+    if engine == "numba":
+        pytest.importorskip("numba")
+    from refnet import jacobian, kernels
+
+    rng = np.random.default_rng(0)
+    net = rn.mlp([300, 200, 10], seed=0)
+    masks = [{"W": rng.random(p["W"].shape) > sparsity} for p in net.params]
+    clean, dirty = net.with_masks(masks), net.with_masks(masks)
+    for p, q, m in zip(clean.params, dirty.params, masks):
+        p["W"][~m["W"]] = 0.0
+        q["W"][~m["W"]] = fill
+    x = rng.standard_normal((64, 300))
+    y = np.arange(64) % 10
+    with kernels.use_engine(engine):
+        np.testing.assert_array_equal(dirty.forward(x), clean.forward(x))
+        (l1, g1), (l2, g2) = dirty.loss_and_grads(x, y, weight_decay=0.1), clean.loss_and_grads(x, y, weight_decay=0.1)
+        assert l1 == l2
+        for a, b in zip(g1, g2):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+        np.testing.assert_array_equal(jacobian(dirty, x[:3]), jacobian(clean, x[:3]))
+    for a, b in zip(dirty.effective_params(), clean.effective_params()):
+        np.testing.assert_array_equal(a["W"], b["W"])
+
+
+def test_non_finite_kept_weights_are_named_with_their_layer():
+    # planted bug seen failing: forward returned NaN and the loss said "z must be finite"
+    net = rn.mlp([4, 3, 2], seed=0)
+    x = np.ones((2, 4))
+    for fill, where in ((np.nan, 0), (np.inf, 1)):
+        bad = net.copy()
+        bad.params[where]["W"][0, 0] = fill
+        for call in (lambda: bad.forward(x), lambda: bad.loss_and_grads(x, np.array([0, 1]))):
+            with pytest.raises(ValueError, match=rf"params\[{where}\]\['W'\] \(layer {where}, Dense.*non-finite kept"):
+                call()
+    with pytest.raises(ValueError, match=r"params\[0\]\['W'\].*non-finite kept"):
+        rn.Network(net.layers, params=[{"W": np.full((3, 4), np.nan), "b": np.zeros(3)}, net.params[1]])
+    pruned = net.with_masks([{"W": np.zeros((3, 4), bool)}, None])
+    pruned.params[0]["W"][:] = np.nan
+    with pytest.raises(ValueError, match="masks keep non-finite"):
+        pruned.with_masks([None, None])  # re-adding NaN entries
+
+
+def test_arguments_are_not_silently_coerced_or_ignored():
+    # planted bugs seen failing: int(6.7) == 6 for in_shape; range(0, n, -1) gave (0.0, 0.0);
+    # the activation of an MLP without a hidden layer never checked; (B, 1) labels as a dtype error
+    with pytest.raises(TypeError, match=r"in_shape\[0\] must be an int, got float 6.7"):
+        rn.Network([rn.layers.Flatten()], in_shape=(6.7,))
+    net = rn.mlp([4, 3], seed=0)
+    x, y = np.ones((5, 4)), np.arange(5) % 3
+    for bs in (0, -1, 2.5):
+        with pytest.raises((ValueError, TypeError), match="batch_size"):
+            net.evaluate(x, y, batch_size=bs)
+        with pytest.raises((ValueError, TypeError), match="batch_size"):
+            net.predict(x, batch_size=bs)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        rn.mlp([4, 3], activation="tanhh")
+    with pytest.raises(ValueError, match="output_activation must be one of"):
+        rn.mlp([4, 3], output_activation="softmaxx")
+    for call in (lambda: net.loss_and_grads(x, y[:, None]), lambda: net.evaluate(x, y[:, None])):
+        with pytest.raises(ValueError, match=r"y must be labels of shape \(5,\).*column.*ravel"):
+            call()
+
+
+def test_sizes_too_large_to_allocate_are_refused_up_front():
+    # planted bug seen failing: MemoryError from NumPy deep inside the initializer
+    with pytest.raises(ValueError, match=r"layers\[0\] Dense\(784, 1000000000\).*would need [\d.]+ TiB"):
+        rn.mlp([784, 10**9, 10])

@@ -426,7 +426,7 @@ def test_cli_without_matplotlib_skips_plots(tmp_path, capsys, monkeypatch):
     out = tmp_path / "noplot"
     assert main([*TINY, "--n-examples", "5", "--out", str(out)]) == 0
     assert "note: no plots" in capsys.readouterr().out
-    assert sorted(f.name for f in out.iterdir()) == ["stats.json"]
+    assert sorted(f.name for f in out.iterdir()) == ["run.json", "stats.json"]  # no PNGs; the provenance record
 
 
 @pytest.mark.parametrize(

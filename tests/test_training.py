@@ -16,7 +16,7 @@ import pytest
 from refnet import data
 from refnet.arch import build
 from refnet.network import Network, mlp
-from refnet.training import History, load_history, train
+from refnet.training import History, TrainingDiverged, load_history, train
 
 
 @pytest.fixture(scope="module")
@@ -316,23 +316,31 @@ def _huge_eps_loss(z, y):
 )
 def test_divergence_raises_and_keeps_last_finite_params(synth, tmp_path, loss, lr, eval_every, why):
     # planted bugs seen failing: applying the update before checking it is finite (third case);
-    # letting the loss's ValueError escape (second case); no loss check (first case: params inf)
+    # letting the loss's ValueError escape (second case); no loss check (first case: params inf);
+    # training the caller's network in place (it ended half-trained: all cases)
     X, y, Xt, yt = synth
     kw = dict(lr=lr, batch_size=20, loss=loss, seed=0, train_eval_size=0)
     net = small_net(seed=6, activation="linear")
+    before = snapshot(net)
     path = tmp_path / "h.json"
-    with pytest.raises(FloatingPointError, match=r"step \d+") as info:
+    with pytest.raises(TrainingDiverged, match=r"step \d+") as info:
         train(net, X, y, steps=200, history_path=path, eval_every=eval_every, X_test=Xt, y_test=yt, **kw)
-    assert why in str(info.value)
-    when, step = re.search(r"(at|after) step (\d+)", str(info.value)).groups()
+    exc = info.value
+    assert isinstance(exc, RuntimeError) and isinstance(exc, FloatingPointError)
+    assert why in str(exc)
+    when, step = re.search(r"(at|after) step (\d+)", str(exc)).groups()
     step = int(step)
+    assert exc.step == step and exc.history.status == "diverged" and exc.history.error == str(exc)
     kept = step - 1 if when == "at" else step  # "at": before step s; "after": evaluation failed
     assert 1 <= step < 200
-    assert all(np.isfinite(a).all() for p in net.params for a in p.values())
+    assert_params_equal(net.params, before)  # all or nothing: the caller's network is unchanged
+    partial = exc.net  # the partial result is attached
+    assert partial is not net
+    assert all(np.isfinite(a).all() for p in partial.params for a in p.values())
     ref = small_net(seed=6, activation="linear")
     if kept:
         train(ref, X, y, steps=kept, **kw)  # the same run, stopped where the net must be
-    assert_params_equal(net.params, ref.params)
+    assert_params_equal(partial.params, ref.params)
     saved = json.loads(path.read_text())
     assert saved["status"] == "diverged" and f"step {step}" in saved["error"]
     assert saved["steps"] == list(range(eval_every, step, eval_every))
@@ -438,3 +446,68 @@ def test_soft_targets_and_float32(synth):
     net32 = small_net().astype(np.float32)
     train(net32, X.astype(np.float32), y, steps=5)
     assert net32.params[0]["W"].dtype == np.float32
+
+
+# --------------------------------------------------------------------------------------------
+# all or nothing
+# --------------------------------------------------------------------------------------------
+
+
+def test_history_path_is_checked_before_the_first_step(synth, tmp_path):
+    # planted bug seen failing: history_path first written after step 1 (the net was trained a step)
+    X, y, _, _ = synth
+    net = small_net()
+    before = snapshot(net)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    steps = []
+    for bad in (blocker / "history.json", tmp_path):  # under a file; a folder
+        with pytest.raises(ValueError, match="history_path"):
+            train(net, X, y, steps=5, batch_size=20, history_path=bad, callback=lambda h, n: steps.append(1))
+    assert steps == []
+    assert_params_equal(net.params, before)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("callback failed"), KeyboardInterrupt()])
+def test_a_failed_run_leaves_the_callers_network_unchanged(synth, tmp_path, error):
+    # planted bug seen failing: training the caller's network in place (it ended half-trained)
+    X, y, _, _ = synth
+    net = small_net()
+    before = snapshot(net)
+    seen = []
+
+    def callback(hist, work):
+        seen.append(work)
+        if hist.steps[-1] >= 10:
+            raise error
+
+    path = tmp_path / "h.json"
+    with pytest.raises(type(error)):
+        train(net, X, y, steps=50, eval_every=5, batch_size=20, callback=callback, history_path=path)
+    assert_params_equal(net.params, before)
+    assert seen and seen[0] is not net  # the callback sees the working copy
+    assert not np.array_equal(seen[0].params[0]["W"], before[0]["W"])
+    assert load_history(path).status == ("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+
+
+def test_nan_at_pruned_entries_trains_and_kept_nan_is_named(synth):
+    # planted bugs seen failing: the update check on every entry ("non-finite update" at step 1);
+    # mask * W in the weight decay; a NaN kept weight reported as "must be finite before training"
+    X, y, _, _ = synth
+    rng = np.random.default_rng(3)
+    base = small_net()
+    masks = random_masks(base, rng)
+    clean, dirty = base.with_masks(masks), base.with_masks(masks)
+    for p, q, m in zip(clean.params, dirty.params, masks):
+        p["W"][~m["W"]] = 0.0
+        q["W"][~m["W"]] = np.nan
+    kw = dict(steps=30, batch_size=20, momentum=0.9, weight_decay=1e-3, seed=4)
+    assert train(dirty, X, y, **kw).status == "completed"
+    train(clean, X, y, **kw)
+    for p, q, m in zip(clean.params, dirty.params, masks):
+        np.testing.assert_array_equal(p["W"][m["W"]], q["W"][m["W"]])
+        assert np.isnan(q["W"][~m["W"]]).all()  # the stored pruned values are untouched
+    kept = base.copy()
+    kept.params[1]["W"][0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"net.params\[1\]\['W'\] \(layer 1, Dense"):
+        train(kept, X, y, steps=3)

@@ -14,5 +14,6 @@ SCRIPTS = {
     "unsupervised": "SPP table: unsupervised pruning (GT, Pred.(raw), Pred.(softmax), Unif.) for K = 3, 5, 7",
     "lenet": "SNIP: LeNet-300-100 at 95% and 98% sparsity and the first-layer mask picture",
     "second_order": "SNIP's table: OBD and L-OBS (pretrained) beside SNIP on LeNet-300-100; GraSP beside SNIP, SynFlow",
+    "modern_networks": "SPP table: modern networks (ResNet-32, VGG-16): orthogonality score and error after CS pruning, VS-L/G/H, LDI, LDI-AI",
     "orthp": "[DI]: MLP-7-linear, L1 neuron pruning, JSV and accuracy vs fine-tuning lr with and without OrthP",
 }

@@ -3,6 +3,7 @@ compares it (any framework that can save NumPy arrays; keys and layouts in docs/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,7 +12,7 @@ from math import prod
 import numpy as np
 
 from .. import kernels
-from .._io import atomic_savez
+from .._io import atomic_savez, read_npz
 from ..network import Network
 from .reference import (
     AS_RUN_RTOL,
@@ -96,15 +97,31 @@ def compare_npz(path, *, rtol=DEFAULT_RTOL, rtol_as_run=None, sparsity=None, jac
     the key) before anything is computed. Each output is held to the tolerance of its stored dtype:
     float64 -> ``rtol``, float32 -> ``rtol_as_run`` or :data:`AS_RUN_RTOL`.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r:.60}")
     path = os.fspath(path)
     rtol = check_rtol(rtol)
+    # a damaged or wrong file (empty, truncated, flipped byte, .npy, pickles) names the path
+    data = read_npz(path, "audit npz file")
+    with _about(path):
+        return _compare_npz_data(data, path, rtol, rtol_as_run, sparsity, jacobian)
+
+
+@contextlib.contextmanager
+def _about(path: str):
+    """Every error of the block becomes a ``ValueError`` that names the file ``path`` (what is
+    wrong is in the file, not in the call)."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"npz file {path!r} does not exist") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable .npz without pickles (allow_pickle=False): {exc}") from None
+        yield
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        msg = str(exc)
+        if msg.startswith(path):
+            raise
+        raise ValueError(f"{path}: {msg}") from None
+
+
+def _compare_npz_data(data: dict, path: str, rtol, rtol_as_run, sparsity, jacobian) -> AuditReport:
+    """The body of :func:`compare_npz` once the arrays are read."""
     unknown = sorted(k for k in data if k not in _NPZ_PLAIN and not _NPZ_RE.match(k))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(_NPZ_PLAIN)} and param/{{i}}/W|b, "

@@ -15,7 +15,7 @@ ONNX                                      refnet
 ``Conv`` (group 1, dilation 1, symmetric  ``Conv2d``
 pads or auto_pad VALID/SAME with odd
 kernels)
-``Relu``, ``Tanh``, ``Sigmoid``,          the activation of the Dense/Conv2d before it
+``Relu``, ``Tanh``, ``Sigmoid``,          the activation of the layer before it
 ``LeakyRelu``, ``Elu``, ``Selu``
 (PyTorch's constants), ``Softplus``,
 ``Erf``, ``Clip(-1, 1)`` (hard_tanh)
@@ -25,12 +25,17 @@ stride = kernel, no padding, floor)
 over axes (2, 3)
 ``Flatten`` (axis 1), ``Reshape`` /       ``Flatten``
 ``Squeeze`` to ``(B, -1)``
+``BatchNormalization`` (inference, or     ``BatchNorm1d``/``BatchNorm2d`` (gamma =
+``training_mode`` 1 with the statistics   scale, beta = B, running statistics,
+outputs unused)                           momentum ``1 - momentum``)
+``Add`` of two tensors                    ``Add`` (a residual connection)
+``Slice`` with steps along axes 2, 3      ``SubsamplePad`` (the option-A shortcut)
+(start 0, to the end), ``Pad`` of the
+channels with zeros
 ``Identity``, ``Dropout`` (inference)     no-ops
 ========================================  =============================================
 
-``BatchNormalization`` and an ``Add`` of two tensors (a residual connection) are refused, named,
-until refnet's engine has them (:data:`refnet.audit.graph.REFUSED`); anything else is refused
-naming the node and its operator. Shape arithmetic (``Shape``, ``Gather``, ``Concat``, ... as
+Anything else is refused naming the node and its operator. Shape arithmetic (``Shape``, ``Gather``, ``Concat``, ... as
 ``x.view(x.size(0), -1)`` exports) is allowed where it only feeds a ``Reshape``.
 
 Before returning, the converted network must reproduce onnxruntime's output of every node on a
@@ -51,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..network import Network
-from .graph import REFUSED, Piece, check_layers, group_pieces, piece_layer, rel_err
+from .graph import Piece, batch_jacobian_note, check_layers, graph_reference, group_pieces, piece_layer, rel_err
 from .names import ACTIVATIONS
 from .reference import (
     AS_RUN_RTOL,
@@ -63,7 +68,6 @@ from .reference import (
     check_sparsity,
     check_xy,
     compare_run,
-    compute_reference,
     match_reference,
     new_report,
     parse_shape,
@@ -79,9 +83,11 @@ PROBE_BATCH = (5, 3)
 SUPPORTED = (
     "Gemm (alpha=beta=1, transA=0); MatMul by a constant, optionally followed by Add of a constant (the bias); Conv "
     "(group 1, dilation 1, symmetric pads); Relu, Tanh, Sigmoid, LeakyRelu, Elu, Selu (PyTorch's constants), Softplus, "
-    "Erf, Clip(-1, 1), each right after a Gemm/MatMul/Conv; MaxPool and AveragePool (square kernel, stride = kernel, "
+    "Erf, Clip(-1, 1), each right after a Gemm/MatMul/Conv/BatchNormalization/Add; MaxPool and AveragePool (square kernel, stride = kernel, "
     "no padding, ceil_mode 0); GlobalAveragePool or ReduceMean over axes (2, 3) followed by a flatten; Flatten (axis 1), "
-    "Reshape or Squeeze to (B, -1); Identity, Dropout (inference); a chain (no branches)"
+    "Reshape or Squeeze to (B, -1); Identity, Dropout (inference); BatchNormalization of (B, C) or (B, C, H, W); Add of "
+    "two tensors (a residual connection); Slice with steps along axes 2 and 3 and Pad of the channels with zeros (the "
+    "option-A shortcut); branches only as residual additions"
 )
 
 _ONNX_DTYPES = {1: np.float32, 10: np.float16, 11: np.float64}
@@ -178,6 +184,19 @@ class _Graph:
                              f"got a {'computed value' if self.cls.get(name) else 'missing value'}")
         return np.asarray(self.consts[name])
 
+    def const_value(self, node, name, what):
+        """A constant input that may also be computed from constants (``F.pad``'s pads are
+        ``ConstantOfShape``/``Concat``/``Reshape`` of constants): an initializer, a Constant, or the
+        probe's value of a node that reads no data; None before the probe when it is computed."""
+        if not name:
+            return None
+        if name in self.consts:
+            return np.asarray(self.consts[name])
+        if self.cls.get(name) != "const":
+            raise ValueError(f"{self.where(node)}: its {what} {name!r} must be a constant (computed from constants only), "
+                             f"got a {'value computed from the input' if self.cls.get(name) else 'missing value'}")
+        return None if self.values is None else np.asarray(self.values[name])
+
     def data_inputs(self, node):
         return [i for i in node.input if i and self.cls.get(i) == "data"]
 
@@ -239,7 +258,9 @@ def _matmul(g, node, a):
 def _add(g, node, a):
     data = g.data_inputs(node)
     if len(data) >= 2:
-        raise _unsupported(g, node, REFUSED["residual_add"])
+        if data[0] == data[1]:
+            raise _unsupported(g, node, "a tensor added to itself (x + x) is a scaling, which has no refnet layer")
+        return Piece(node, "add")
     other = [i for i in node.input if i and i not in data]
     b = g.const(node, other[0], "added constant")
     return Piece(node, "bias", {"b": np.asarray(b, np.float64)})
@@ -366,11 +387,84 @@ def _identity(g, node, a):
     return Piece(node, "identity")
 
 
-def _refused(key):
-    def handler(g, node, a):
-        raise _unsupported(g, node, REFUSED[key])
+def _rank(g, node):
+    """The rank of the node's data input on the probe (None before the probe)."""
+    return None if g.values is None else len(g.shape(g.data_inputs(node)[0]))
 
-    return handler
+
+def _batchnorm(g, node, a):
+    """BatchNormalization: gamma = scale, beta = B, the running statistics from input_mean and
+    input_var; ``training_mode`` 1 is train mode (batch statistics). ONNX's momentum weighs the old
+    running value, refnet's (PyTorch's) the batch statistic: ``1 - momentum``."""
+    if g.cls.get(node.input[0]) != "data":
+        raise _unsupported(g, node, "the data must be its first input")
+    if len(node.input) != 5:
+        raise _unsupported(g, node, f"{len(node.input)} inputs (X, scale, B, input_mean, input_var expected)")
+    if len(node.output) > 1 and any(node.output[1:]):
+        raise _unsupported(g, node, "its running-statistics outputs are used (refnet updates them only in training)")
+    arrs = [np.asarray(g.const(node, node.input[i], what), np.float64).ravel()
+            for i, what in ((1, "scale"), (2, "B"), (3, "input_mean"), (4, "input_var"))]
+    C = arrs[0].size
+    if any(v.size != C for v in arrs):
+        raise _unsupported(g, node, f"scale, B, mean and var of sizes {[v.size for v in arrs]}")
+    if "spatial" in a and int(a["spatial"]) != 1:
+        raise _unsupported(g, node, "spatial=0 (per-position statistics)")
+    nd = _rank(g, node)
+    kind = {None: "batchnorm", 2: "batchnorm1d", 4: "batchnorm2d"}.get(nd)
+    if kind is None:
+        raise _unsupported(g, node, f"batch normalization of a {nd}-d input; refnet has BatchNorm1d over (B, C) and "
+                                    "BatchNorm2d over (B, C, H, W)")
+    mode = "train" if int(a.get("training_mode", 0)) else "eval"
+    kw = {"num_features": C, "eps": float(a.get("epsilon", 1e-5)), "momentum": 1.0 - float(a.get("momentum", 0.9)),
+          "affine": True, "mode": mode}
+    return Piece(node, kind, kw, {"gamma": arrs[0], "beta": arrs[1]},
+                 buffers={"running_mean": arrs[2], "running_var": arrs[3]})
+
+
+def _slice(g, node, a):
+    """Slice with steps along the spatial axes of an NCHW tensor (start 0, to the end):
+    ``x[:, :, ::s, ::s]``, the first half of the option-A shortcut."""
+    if "starts" in a:  # opset < 10: attributes, no steps
+        starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+    else:
+        starts, ends, axes, steps = (g.const_value(node, node.input[i], what) if len(node.input) > i else None
+                                     for i, what in ((1, "starts"), (2, "ends"), (3, "axes"), (4, "steps")))
+    if g.values is None:
+        return Piece(node, "subsample_pad", {"stride": (1, 1), "pad_channels": (0, 0)})
+    shape = g.shape(g.data_inputs(node)[0])
+    starts = [int(v) for v in np.ravel(starts)]
+    ends = [int(v) for v in np.ravel(ends)]
+    axes = list(range(len(starts))) if axes is None else [int(v) % len(shape) for v in np.ravel(axes)]
+    steps = [1] * len(starts) if steps is None else [int(v) for v in np.ravel(steps)]
+    stride = [1, 1]
+    for ax, s0, e, st in zip(axes, starts, ends, steps):
+        if len(shape) != 4 or ax not in (2, 3) or s0 != 0 or st < 1 or e < shape[ax]:
+            raise _unsupported(g, node, f"Slice(starts={starts}, ends={ends}, axes={axes}, steps={steps}) of a tensor of shape "
+                                        f"{shape}; only x[:, :, ::s, ::s] (spatial subsampling, the option-A shortcut)")
+        stride[ax - 2] *= st
+    return Piece(node, "subsample_pad", {"stride": tuple(stride), "pad_channels": (0, 0)})
+
+
+def _pad(g, node, a):
+    """Pad of an NCHW tensor's channels with zeros, ``pads = [0, a, 0, 0, 0, b, 0, 0]``: the second
+    half of the option-A shortcut."""
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if "pads" in a:  # opset < 11
+        pads, value = a["pads"], a.get("value", 0.0)
+    else:
+        pads = g.const_value(node, node.input[1], "pads") if len(node.input) > 1 else None
+        value = g.const_value(node, node.input[2], "constant_value") if len(node.input) > 2 and node.input[2] else 0.0
+    if len(node.input) > 3 and node.input[3]:
+        raise _unsupported(g, node, "Pad with axes")
+    if g.values is None:
+        return Piece(node, "subsample_pad", {"stride": (1, 1), "pad_channels": (0, 0)})
+    pads = [int(v) for v in np.ravel(pads)]
+    value = float(np.ravel(value)[0]) if np.size(value) else 0.0
+    if mode != "constant" or value != 0.0 or len(pads) != 8 or any(pads[i] for i in (0, 2, 3, 4, 6, 7)) or min(pads) < 0:
+        raise _unsupported(g, node, f"Pad(mode={mode!r}, pads={pads}, value={value}); only zero channels of an NCHW tensor, "
+                                    "pads = [0, a, 0, 0, 0, b, 0, 0] (the option-A shortcut)")
+    return Piece(node, "subsample_pad", {"stride": (1, 1), "pad_channels": (pads[1], pads[5])})
 
 
 def _tables() -> dict:
@@ -381,7 +475,7 @@ def _tables() -> dict:
         "GlobalAveragePool": _global_pool, "ReduceMean": _reduce_mean,
         "Flatten": _flatten, "Reshape": _reshape, "Squeeze": _reshape,
         "Identity": _identity, "Dropout": _identity,
-        "BatchNormalization": _refused("batch_norm"),
+        "BatchNormalization": _batchnorm, "Slice": _slice, "Pad": _pad,
     }
     for row in ACTIVATIONS.values():
         if row.onnx is not None:
@@ -399,7 +493,9 @@ def _handle(g, node):
 
 
 def _chain(g):
-    """The data nodes from the input to the output, in order (ValueError unless a chain)."""
+    """The live data nodes in graph (topological) order; ValueError for a node that reads more
+    tensors than its operator takes here (only Add reads two). The graph may branch (residual
+    connections): :func:`refnet.audit.graph.group_pieces` turns it into layers and their inputs."""
     graph = g.model.graph
     live, stack = set(), [g.output]
     while stack:
@@ -411,23 +507,27 @@ def _chain(g):
         stack.extend(i for i in n.input if i)
     if g.cls.get(g.output) != "data":
         raise ValueError(f"{g.path}: the output {g.output!r} does not depend on the input")
-    head, chain = g.input.name, []
+    if g.output == g.input.name:
+        raise ValueError(f"{g.path}: the output is the input: there is no layer to import")
+    chain = []
     for node in graph.node:
         if id(node) not in live or g.cls.get(node.output[0]) != "data":
             continue
-        _handle(g, node)  # structure only (no values yet): unsupported operations are named first
+        piece = _handle(g, node)  # structure only (no values yet): unsupported operations are named first
         data = g.data_inputs(node)
-        if len(set(data)) != 1 or len(data) != 1:
-            raise ValueError(f"{g.where(node)} reads {len(data)} tensors ({', '.join(data)}): the graph is not a chain; "
-                             "refnet imports chains only (no branches, residual connections or concatenations)")
-        if data[0] != head:
-            raise ValueError(f"{g.where(node)} reads {data[0]!r}, but the chain is at {head!r}: the graph branches; "
-                             "refnet imports chains only")
+        want = 2 if piece.kind == "add" else 1
+        if len(data) != want:
+            raise ValueError(f"{g.where(node)} reads {len(data)} tensors ({', '.join(data)}); refnet imports "
+                             f"{'an addition of two tensors' if want == 2 else 'one tensor per operation'} here "
+                             "(no concatenations or products of tensors)")
         chain.append(node)
-        head = node.output[0]
-    if head != g.output:
-        raise ValueError(f"{g.path}: the output {g.output!r} is not the end of the chain {head!r}")
     return chain
+
+
+def _wire(g, node, piece):
+    piece.inputs = tuple(g.data_inputs(node))
+    piece.out = node.output[0]
+    return piece
 
 
 def _session(onnxruntime, model_bytes, optimize: bool):
@@ -546,7 +646,7 @@ def convert_onnx(path, in_shape=None) -> OnnxGraph:
         if any(len(s) == 0 or s[0] != r[0].shape[0] for s, r in zip(shapes, runs)) or len({s[1:] for s in shapes}) != 1:
             raise ValueError(f"{g.where(node)}: output shapes {shapes} for batches of {[r[0].shape[0] for r in runs]}: refnet needs "
                              "(B, *shape) with a per-example shape that does not depend on B")
-    pieces = [_handle(g, node) for node in chain]
+    pieces = [_wire(g, node, _handle(g, node)) for node in chain]
 
     def merge(spec, piece):  # MatMul + Add of a constant: the bias of the Dense before it
         if piece.kind != "bias" or spec["kind"] != "dense" or spec["kw"]["bias"] or spec["act"] is not None:
@@ -560,18 +660,19 @@ def convert_onnx(path, in_shape=None) -> OnnxGraph:
         piece.kw["b"] = spec["params"]["b"]
         return True
 
-    specs = group_pieces(pieces, g.where, g.label, SUPPORTED, merge=merge)
+    specs = group_pieces(pieces, g.input.name, g.output, g.where, g.label, SUPPORTED, merge=merge)
     layers = [piece_layer(s) for s in specs]
     params = [dict(s["params"]) for s in specs]
+    buffers = [dict(s["buffers"]) for s in specs]
     try:
-        net = Network(layers, in_shape=in_shape, params=params)
+        net = Network(layers, in_shape=in_shape, params=params, buffers=buffers, inputs=[s["inputs"] for s in specs])
     except ValueError as exc:
         raise ValueError(f"the ONNX model does not fit in_shape={in_shape}: {exc}") from None
     name = np.dtype(dtype).name
     tol = AS_RUN_RTOL[name]
 
-    def value(node):
-        return np.asarray(g.values[node.output[0]], dtype=np.float64)
+    def value(name):
+        return np.asarray(g.values[name], dtype=np.float64)
 
     x0 = runs[0][0].astype(np.float64)
     worst, _ = check_layers(net, specs, value, x0, tol, g.where, "ONNX model (onnxruntime)")
@@ -579,9 +680,9 @@ def convert_onnx(path, in_shape=None) -> OnnxGraph:
     e = rel_err(out, np.asarray(g.values[g.output], np.float64))
     if not e <= tol:
         raise ValueError(f"the converted network's forward differs from onnxruntime's on the probe batch (max relative "
-                         f"error {e:.2e} > {tol:g} for {name}); every node agrees on its own, so the errors grow along the chain")
+                         f"error {e:.2e} > {tol:g} for {name}); every node agrees on its own, so the errors grow along the graph")
     sources = ["onnx " + " + ".join(g.source(p.node) for p in s["pieces"]) for s in specs]
-    outputs = [s["pieces"][-1].node.output[0] for s in specs]
+    outputs = [s["out"] for s in specs]
     probe = {"probe_batch": int(runs[0][0].shape[0]), "probe_max_rel_err": max(worst, e), "probe_rtol": tol,
              "graph_nodes": len(g.index), "opset": [f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import]}
     return OnnxGraph(net, sources, outputs, g.input.name, g.output, np.dtype(dtype), batch, probe, model.SerializeToString())
@@ -591,8 +692,7 @@ def from_onnx(path, in_shape=None) -> Network:
     """A float64 refnet :class:`~refnet.network.Network` computing what an ONNX model computes
     (:func:`convert_onnx`: the mapping table is in the module docstring), checked node by node
     against onnxruntime on a probe batch before it is returned; ValueError naming the node for
-    anything refnet does not model (``BatchNormalization`` and residual ``Add`` among them, until
-    the engine has them)."""
+    anything refnet does not model."""
     return convert_onnx(path, in_shape).net
 
 
@@ -667,7 +767,8 @@ def compare_onnx(
     x_run = np.ascontiguousarray(x_arr, dtype=layout.dtype)
     x_ref, y_arr = check_xy(net, x_run.astype(np.float64), y, loss_name)
     t0 = time.perf_counter()
-    ref = compute_reference(net, x_ref, y_arr, loss_name, sparsity, jacobian)
+    jacobian, jac_note = batch_jacobian_note(net, jacobian)
+    ref = graph_reference(net, x_ref, y_arr, loss_name, sparsity, jacobian)
     name = layout.dtype.name
     tol = section_tol(name, rtol, rtol_as_run) if name in AS_RUN_RTOL else section_tol("float32", rtol, rtol_as_run)
     meta = {"file": os.path.abspath(os.fspath(path)), "onnx_version": onnx.__version__,
@@ -681,6 +782,8 @@ def compare_onnx(
         "`refnet audit --onnx` writes them to reference.npz)."
     )
     report.notes.append(f"x is cast to the model's input dtype ({name}) for onnxruntime; the reference runs on the cast values.")
+    if jac_note:
+        report.notes.append(jac_note)
     add_activation_checks(report, act_diffs, layout.sources)
     plain = _session(onnxruntime, layout.model_bytes, optimize=True)  # as the user runs it
     logits = plain.run([layout.output_name], {layout.input_name: x_run})[0]

@@ -282,7 +282,12 @@ def compute_reference(net: Network, x, y, loss_name: str, sparsity: float, want_
     out, trace = net.forward(x, return_trace=True)
     value, eps = get_loss(loss_name)(out, y)
     grads = net.backward(trace, eps)
-    acts = [c["x"] for c in trace.caches[1:]] + [out]
+    if net.is_chain:
+        acts = [c["x"] for c in trace.caches[1:]] + [out]
+    else:  # a graph: a shortcut's output may be read only by an Add, so take every node's value
+        from .graph import node_outputs
+
+        acts = node_outputs(net, x)[1:]
     cs = connection_sensitivity(net, x, y, loss_name, normalize=False)
     scores = [{"W": d["W"]} if "W" in d else {} for d in cs]
     masks = topk_masks(net, scores, sparsity)
@@ -492,7 +497,8 @@ def match_reference(reference, net: Network, what: str) -> list:
         d.pop("activation", None)
         return d
 
-    if [bare(l) for l in reference.layers] != [bare(l) for l in net.layers] or tuple(reference.in_shape) != tuple(net.in_shape):
+    if ([bare(l) for l in reference.layers] != [bare(l) for l in net.layers] or tuple(reference.in_shape) != tuple(net.in_shape)
+            or tuple(map(tuple, reference.inputs)) != tuple(map(tuple, net.inputs))):
         raise ValueError(
             f"reference does not have the {what}'s structure: reference "
             f"{' -> '.join(layer_desc(l) for l in reference.layers)} on {reference.in_shape}, {what} "

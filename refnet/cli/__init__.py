@@ -9,9 +9,11 @@ the library code it drives is imported inside ``add_arguments``/``run``, so that
 ``refnet --help`` stays fast (no matplotlib, numba, torch or jax). To add a command, write its
 module and list it in :data:`COMMAND_MODULES` (or call :func:`register` from anywhere).
 
-Exit status: 0 success, 1 a run that failed (e.g. training diverged), 2 bad arguments or input
-(the message, ``refnet: error: ...``, names the argument; no traceback), 130 interrupted.
-Set ``REFNET_DEBUG=1`` to get the full traceback instead of the one-line message.
+Exit status: 0 success, 1 a run that failed (e.g. training diverged: one line
+``refnet: error: training diverged ...``), 2 bad arguments or input (one line on stderr,
+``refnet: error: ...``, naming the argument; no traceback), 130 interrupted. Every command checks
+all its flags before any work starts (:mod:`.args`). Set ``REFNET_DEBUG=1`` to get the full
+traceback instead of the one-line message.
 """
 
 from __future__ import annotations
@@ -94,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc) -> str:
+    """The first line of an exception's message (library messages may append a help text)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv=None) -> int:
     """Run ``refnet`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     debug = os.environ.get("REFNET_DEBUG", "") not in ("", "0")
@@ -111,12 +119,17 @@ def main(argv=None) -> int:
     except CLIError as exc:
         if debug:
             raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # training diverged (refnet.training.TrainingDiverged): a failed run
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, ImportError, OSError) as exc:
         if debug:
             raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)

@@ -33,9 +33,10 @@ inputs (one of):
                  is on sys.path while it loads) and FACTORY() must return a torch.nn.Module.
                  This runs the code in FILE.py: only use files you trust. --weights FILE loads a
                  state_dict into it (torch.load(weights_only=True), strictly). The module's
-                 forward is traced with torch.fx and checked on a probe batch before the audit;
-                 what refnet cannot reproduce (hooks, BatchNorm, residual additions, ...) is an
-                 error naming the module or graph node.
+                 forward is traced with torch.fx (residual additions, BatchNorm in the module's
+                 own train/eval mode, the option-A shortcut of CIFAR ResNets) and checked on a
+                 probe batch before the audit; what refnet cannot reproduce (hooks, concatenations,
+                 ...) is an error naming the module or graph node.
   --torch FILE   a file read with torch.load(weights_only=True): either a checkpoint written by
                  refnet.audit.save_torch_checkpoint (architecture inside) or a bare state_dict
                  with --torch-arch/--arch SPEC (the module is rebuilt as
@@ -83,9 +84,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="state_dict loaded into the --torch-module model (torch.load(weights_only=True), strict)")
     p.add_argument("--in-shape", type=_shape_arg, default=None,
                    help="per-example input shape, e.g. 784 or 1,28,28 (default: from the checkpoint or the dataset)")
-    p.add_argument("--data", type=dataset_name, default=None, help="dataset for the torch audit: mnist5k (default), digits, mnist, fashion-mnist, synthetic")
-    p.add_argument("--data-dir", default=None, help="folder of the IDX files (mnist, fashion-mnist)")
+    p.add_argument("--data", type=dataset_name, default=None, help="dataset for the torch audit: mnist5k (default), digits, mnist, fashion-mnist, cifar10, mnist5k-32, "
+                        "synthetic")
+    p.add_argument("--data-dir", default=None, help="folder of the IDX files (mnist, fashion-mnist) or the CIFAR-10 binary batch files (cifar10)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="data split (default train)")
+    p.add_argument("--mode", default=None, choices=["train", "eval"],
+                   help="run the PyTorch module in this mode (BatchNorm: batch or running statistics; default: the "
+                        "mode the factory or --arch gives it)")
     p.add_argument("--n", type=_n_arg, default=100, help="number of examples (default 100)")
     p.add_argument("--loss", default="cross_entropy", choices=list(LOSSES), help="loss (default cross_entropy)")
     p.add_argument("--sparsity", type=_sparsity_arg, default=None, help="sparsity of the SNIP masks compared (default 0.9)")
@@ -180,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"argument --out: {out!r} exists and is not a folder")
     if args.torch_arch is not None and (args.onnx or args.torch_module):
         raise CLIError("argument --torch-arch: only used with --torch (a bare state_dict)")
+    if args.mode is not None and (args.onnx or args.npz):
+        raise CLIError("argument --mode: only used with --torch or --torch-module (an ONNX graph or .npz fixes its mode)")
     if args.no_as_run and args.onnx:
         raise CLIError("argument --no-as-run: the ONNX audit is the audit as onnxruntime runs the model")
     if args.weights is not None and args.torch_module is None:
@@ -199,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         module = load_factory(args.torch_module)
         if args.weights is not None:
             module = load_torch_state(module, args.weights)
+        if args.mode is not None:
+            module.train(args.mode == "train")
         in_shape = args.in_shape
         if in_shape is None:
             in_shape = infer_in_shape(module)
@@ -220,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
             in_shape = info.in_shape(flatten=parse_arch(args.torch_arch).flat_input)
         module, meta = load_torch_checkpoint(args.torch, arch=args.torch_arch, in_shape=in_shape, n_classes=info.n_classes
                                              if args.torch_arch is not None else None)
+        if args.mode is not None:
+            module.train(args.mode == "train")
         in_shape = tuple(meta["in_shape"])
         if prod(in_shape) != info.n_features:
             raise CLIError(f"argument --in-shape: {in_shape} does not hold the {info.n_features} features of {name}")

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .args import CLIError, check_data_flags, claim_out, dataset_name, engine_name, int_at_least
+
 __all__ = [
     "NAME",
     "HELP",
@@ -48,9 +50,10 @@ def add_validation_arguments(p: argparse.ArgumentParser) -> None:
     to each): --quick, --tiny, --seed, --engine, --data, --data-dir, --out, --fresh."""
     p.add_argument("--quick", action="store_true", help="a reduced run (minutes) that keeps the comparison meaningful")
     p.add_argument("--tiny", action="store_true", help="a smoke-test run (seconds); numbers are not meaningful")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    p.add_argument("--engine", default=None, help="kernel engine: numpy, numba or cupy (default: automatic)")
-    p.add_argument("--data", default="mnist5k", help="data set: mnist5k (default, embedded), mnist, fashion-mnist, digits")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--engine", type=engine_name, default=None, help="kernel engine: numpy, numba or cupy (default: automatic)")
+    p.add_argument("--data", type=dataset_name, default="mnist5k",
+                   help="data set: mnist5k (default, embedded), mnist, fashion-mnist, digits")
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST / Fashion-MNIST IDX files (for --data mnist or fashion-mnist)")
     p.add_argument("--out", default="runs/reproduce", help="output folder; each script writes OUT/<name>/ (default runs/reproduce)")
@@ -70,8 +73,10 @@ def parse_validation_args(name: str, description: str, argv=None, add_arguments:
     if add_arguments is not None:
         add_arguments(ap)
     args = ap.parse_args(argv)
-    if args.seed < 0:
-        ap.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        check_data_flags(args.data, args.data_dir)
+    except CLIError as exc:
+        ap.error(str(exc))
     if args.engine is not None:
         os.environ["REFNET_ENGINE"] = args.engine
     args.mode = "tiny" if args.tiny else ("quick" if args.quick else "full")
@@ -105,10 +110,8 @@ def _script_argv(args, name: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``refnet reproduce``; 0 when every script finished, 1 when one failed, 130 interrupted."""
-    import importlib
-    import traceback
-
+    """Run ``refnet reproduce``; 0 when every script finished, 1 when one failed, 130 interrupted.
+    Every flag is checked before the first script starts (a bad one is :class:`CLIError`)."""
     from ..validation import SCRIPTS
 
     if args.list:
@@ -117,9 +120,28 @@ def run(args: argparse.Namespace) -> int:
         return 0
     unknown = [n for n in args.names if n not in SCRIPTS]
     if unknown:
-        raise ValueError(f"unknown script(s) {unknown}; choose from {list(SCRIPTS)}")
+        raise CLIError(f"argument NAME: unknown script(s) {unknown}; choose from {list(SCRIPTS)}")
+    check_data_flags(args.data, args.data_dir)  # every flag before the first script starts
+    if args.engine not in (None, "auto"):
+        from ..kernels import use_engine
+
+        try:
+            with use_engine(args.engine):  # imports it: a missing package fails now, not in a script
+                pass
+        except ImportError as exc:
+            raise CLIError(f"argument --engine: {exc}") from None
     names = args.names or list(SCRIPTS)
-    out = Path(args.out)
+    with claim_out(args.out, resume=True):  # one run at a time writes into OUT (it resumes there)
+        return _run_scripts(args, names, Path(args.out))
+
+
+def _run_scripts(args, names: list, out: Path) -> int:
+    """Run the scripts ``names`` one after another (see :func:`run`)."""
+    import importlib
+    import traceback
+
+    from ..validation import SCRIPTS
+
     failed = []
     t_all = time.perf_counter()
     for i, name in enumerate(names, 1):

@@ -1,8 +1,11 @@
 """``refnet spectrum``: Jacobian singular values and layerwise dynamical isometry of one or more
 initialisations (the library side is :mod:`refnet.spectrum`).
 
-Writes ``OUT/stats.json`` (strict JSON: an infinite condition number is the string "inf") and,
-with matplotlib, the PNGs of :mod:`refnet.plots`.
+Writes ``OUT/stats.json`` (strict JSON: an infinite condition number is the string "inf"),
+``OUT/run.json`` and, with matplotlib, the PNGs of :mod:`refnet.plots`. Every flag is checked
+before any work (the networks are built from the dataset's shape before any data are read);
+``--out`` is refused when it holds an earlier run's files, unless ``--overwrite``
+(:func:`refnet.cli.args.claim_out`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import os
 import time
 
-from .args import CLIError, arch_name, dataset_name, float_in, float_list, int_at_least
+from .args import arch_name, check_data_flags, claim_out, dataset_name, float_in, float_list, int_at_least
 
 NAME = "spectrum"
 HELP = "Jacobian singular values and layerwise dynamical isometry of one or more initializations"
@@ -28,6 +31,9 @@ PRUNE_METHODS = ("snip", "random", "magnitude")
 
 #: examples of the training split that snip scores
 SCORE_EXAMPLES = 100
+
+#: the files a run writes in OUT (an earlier run's are removed first with --overwrite)
+OUTPUTS = ("stats.json", "jsv_hist.png", "jsv_ecdf.png", "layer_bands.png", "run.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="layerwise dynamical isometry tolerance |1 - sigma| <= epsilon (default 0.1)")
     g.add_argument("--out", default=os.path.join("runs", "spectrum"),
                    help="output folder for stats.json and the plots (default runs/spectrum)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --out (the earlier run's files are removed first)")
 
 
 def init_runs(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
@@ -122,18 +130,32 @@ def run(args: argparse.Namespace) -> int:
     (:func:`refnet.cli.main` prints it, status 2).
     """
     from .. import data
-    from .._io import atomic_write_text, jsonable
     from ..arch import build, parse_arch
-    from ..pruning import DATA_METHODS, masks_for
-    from ..spectrum import collect_singular_values, format_stats, layer_label, summarize
 
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CLIError(f"argument --out: {out!r} exists and is not a folder")
+    # every check before any work: the flags together, the networks (from the dataset's shape)
+    check_data_flags(args.data, args.data_dir)
     spec = parse_arch(args.arch)
     runs = init_runs(args)
     name = args.data
     info = data.DATASETS[name]
+    in_shape = info.in_shape(flatten=spec.flat_input)
+    nets = {label: build(args.arch, in_shape, info.n_classes, init=init, seed=args.seed, **kw) for label, init, kw in runs}
+    with claim_out(args.out, overwrite=args.overwrite, outputs=OUTPUTS) as out:
+        from ..provenance import recording
+
+        with recording(out, NAME, args):
+            return _run(args, out, spec, runs, nets)
+
+
+def _run(args, out, spec, runs, nets) -> int:
+    """The work of :func:`run` once every flag is checked and ``out`` is claimed."""
+    from .. import data
+    from .._io import atomic_write_text, jsonable
+    from ..pruning import DATA_METHODS, masks_for
+    from ..spectrum import collect_singular_values, format_stats, layer_label, summarize
+
+    out = os.fspath(out)
+    name = args.data
     X, _ = data.load(name, split=args.split, data_dir=args.data_dir, flatten=spec.flat_input)
     n = min(args.n_examples, X.shape[0])
     if n < args.n_examples:
@@ -150,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     results, spectra, layer_spectra = {}, {}, {}
     for label, init, kw in runs:
         t0 = time.perf_counter()
-        net = build(args.arch, X.shape[1:], info.n_classes, init=init, seed=args.seed, **kw)
+        net = nets[label]
         if args.sparsity is not None:
             net = net.with_masks(masks_for(args.prune, net, args.sparsity, x=scored[0], y=scored[1], seed=args.seed))
         sv, lsv = collect_singular_values(net, X, batch_size=args.batch_size)

@@ -56,6 +56,16 @@ The caches that ``forward`` returns are part of the protocol: every layer caches
 ``"x"``, and the keys other modules may read are listed, with their shapes and their names in
 the paper, in the docstring of :class:`Layer`.
 
+Layers beyond the protocol's single input: :class:`Add` reads several nodes of a network with
+residual connections (its ``forward`` takes a tuple of inputs; see :mod:`refnet.layers.residual`),
+and :class:`Residual` is not a layer but a block ``phi(main(x) + shortcut(x))`` that
+:class:`refnet.network.Network` expands into layers and an :class:`Add`. :class:`BatchNorm1d` and
+:class:`BatchNorm2d` have parameters ``gamma``/``beta`` (not weights), buffers (the running
+statistics, ``buffer_shapes``/``init_buffers``/``updated_buffers``) and a ``mode``; in train mode
+they couple the examples (``couples_batch``) and have no per-example ``jacobian``, only
+``batch_jacobian``. Optional attributes a layer may define, read with ``getattr`` and a default:
+``couples_batch`` (False), ``needs_initializer`` (``bool(keys)``), ``n_inputs`` (1).
+
 Masks are dicts beside the params with the same keys and shapes (boolean); the effective weight
 is ``mask * W``, so the gradient with respect to ``W`` is ``mask * dL/d(mask*W)`` and pruned
 entries get exactly zero gradient. Parameter-free layers (pooling, flatten) have ``D = I``.
@@ -63,9 +73,11 @@ entries get exactly zero gradient. Parameter-free layers (pooling, flatten) have
 from __future__ import annotations
 
 from .base import Affine, Layer
+from .batchnorm import BN_MODES, BatchNorm1d, BatchNorm2d
 from .conv2d import STACK_CHUNK_ELEMENTS, Conv2d
 from .dense import Dense
 from .pooling import AvgPool2d, Flatten, GlobalAvgPool2d, MaxPool2d
+from .residual import Add, Residual, SubsamplePad, expand_layers
 
 __all__ = [
     "Layer",
@@ -76,13 +88,23 @@ __all__ = [
     "MaxPool2d",
     "GlobalAvgPool2d",
     "Flatten",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BN_MODES",
+    "Add",
+    "SubsamplePad",
+    "Residual",
+    "expand_layers",
     "layer_from_dict",
     "LAYER_TYPES",
     "STACK_CHUNK_ELEMENTS",
 ]
 
 
-LAYER_TYPES = {cls.__name__: cls for cls in (Dense, Conv2d, AvgPool2d, MaxPool2d, GlobalAvgPool2d, Flatten)}
+LAYER_TYPES = {
+    cls.__name__: cls
+    for cls in (Dense, Conv2d, AvgPool2d, MaxPool2d, GlobalAvgPool2d, Flatten, BatchNorm1d, BatchNorm2d, Add, SubsamplePad)
+}
 
 
 def layer_from_dict(d: dict) -> Layer:

@@ -11,7 +11,7 @@ import numpy as np
 from .._checks import check_int
 from ..activations import get_activation
 
-__all__ = ["Affine", "Layer", "effective_param", "flat_rows", "mask_of", "masked_grad", "pair_arg"]
+__all__ = ["Affine", "Layer", "effective_param", "flat_rows", "mask_of", "masked_grad", "masked_kernel", "pair_arg", "stored_finite", "where_kept"]
 
 
 def pair_arg(value, name: str, min_value: int) -> tuple[int, int]:
@@ -23,10 +23,44 @@ def pair_arg(value, name: str, min_value: int) -> tuple[int, int]:
     return (v, v)
 
 
+def where_kept(a, m):
+    """``where(m, a, 0)``: ``a`` at kept entries and exactly 0 at pruned ones, whatever ``a``
+    holds there (NaN and inf included: ``m * a`` would give ``0 * NaN = NaN``). A non-boolean
+    mask (weights in [0, 1]) gives ``m * a`` at its non-zero entries and 0 elsewhere."""
+    if m.dtype == bool:
+        return np.where(m, a, 0)
+    return np.where(m != 0, a * m, 0)
+
+
 def effective_param(params: dict, mask: dict | None, key: str):
-    """The effective parameter ``mask[key] * params[key]`` (or the parameter itself)."""
+    """The effective parameter ``where(mask[key], params[key], 0)`` (or the parameter itself):
+    the one place a layer forms it. A pruned entry contributes exactly zero whatever the stored
+    value, so a NaN or inf stored at a pruned position never reaches an output, a gradient or a
+    Jacobian (:func:`where_kept`)."""
     m = mask_of(mask, key)
-    return params[key] if m is None else params[key] * m
+    return params[key] if m is None else where_kept(params[key], m)
+
+
+def stored_finite(a):
+    """``a`` with its non-finite entries replaced by 0 (``a`` itself when all are finite): the
+    stored values a mask gradient ``dL/dc = (dL/d theta_eff) * theta`` multiplies. Kept entries
+    are finite (the network checks them), so only a pruned entry can hold NaN or inf, and such a
+    value is not a weight that could be put back: its ``dL/dc`` is 0, not NaN."""
+    finite = np.isfinite(a)
+    return a if finite.all() else np.where(finite, a, 0)
+
+
+def masked_kernel(kernel, a, W, m):
+    """``kernel(a, W, m)`` for the masked-product kernels (:func:`refnet.kernels.masked_matmul`,
+    :func:`~refnet.kernels.masked_matmul_t`), with the rule of :func:`effective_param`: their
+    fast paths form ``mask * W`` (or read the kept entries only), so a non-finite result of a
+    masked product is computed again on ``where(mask, W, 0)``; a NaN stored at a pruned position
+    then cannot leak, and the common (finite) case costs one ``isfinite`` of the result."""
+    with np.errstate(invalid="ignore"):  # 0 * NaN here is what the second call avoids
+        out = kernel(a, W, m)
+    if m is not None and not np.isfinite(out).all():
+        out = kernel(a, where_kept(W, m), m)
+    return out
 
 
 def flat_rows(a: np.ndarray) -> np.ndarray:
@@ -42,8 +76,9 @@ def mask_of(mask: dict | None, key: str):
 
 
 def masked_grad(g: np.ndarray, mask: dict | None, key: str) -> np.ndarray:
+    """``g`` with its pruned entries exactly zero (:func:`where_kept`)."""
     m = mask_of(mask, key)
-    return g if m is None else g * m
+    return g if m is None else where_kept(g, m)
 
 
 

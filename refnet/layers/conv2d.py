@@ -10,7 +10,7 @@ import numpy as np
 from .. import conv as _conv
 from .._checks import check_choice, check_int
 from ..activations import Activation
-from .base import Affine, effective_param, flat_rows, masked_grad, pair_arg
+from .base import Affine, effective_param, flat_rows, masked_grad, pair_arg, stored_finite
 
 __all__ = ["Conv2d", "STACK_CHUNK_ELEMENTS"]
 
@@ -169,9 +169,9 @@ class Conv2d(Affine):
         :meth:`vjp`."""
         gh = (g * cache["D"]).reshape(g.shape[0], self.c_out, -1)  # (B, c_out, P): dL/dh
         gW_eff = np.einsum("bop,bpk->ok", gh, cache["cols"]).reshape(params["W"].shape)  # unmasked
-        out = {"W": gW_eff * params["W"]}
+        out = {"W": gW_eff * stored_finite(params["W"])}  # a pruned NaN is not a weight to put back: 0
         if self.bias:
-            out["b"] = gh.sum(axis=(0, 2)) * params["b"]  # (c_out,)
+            out["b"] = gh.sum(axis=(0, 2)) * stored_finite(params["b"])  # (c_out,)
         return out
 
     def jacobian(self, params, cache, mask=None):

@@ -9,7 +9,7 @@ import numpy as np
 from .. import kernels
 from .._checks import check_int
 from ..activations import Activation
-from .base import Affine, effective_param, mask_of, masked_grad
+from .base import Affine, effective_param, mask_of, masked_grad, masked_kernel, stored_finite
 
 __all__ = ["Dense"]
 
@@ -39,7 +39,9 @@ class Dense(Affine):
                  ``R{g_x} = W^T R{g_h} + V_W^T g_h``                              (:meth:`rop_backward`)
         diag H   ``diag_W = diag(d2L/dh2) (x * x)^T`` with ``d2L/dh2 = D (d2L/dy2) D + diag(phi''(h) g)``
                                                                            (:meth:`hessian_diag_backward`)
-    with ``W`` the effective weight ``mask * W`` (the stored ``W`` in ``dL/dc``).
+    with ``W`` the effective weight ``where(mask, W, 0)`` (the stored ``W`` in ``dL/dc``; a pruned
+    entry contributes exactly zero whatever it stores, and a non-finite stored value gets
+    ``dL/dc = 0``: :func:`~refnet.layers.base.stored_finite`).
     """
 
     n_in: int
@@ -75,7 +77,7 @@ class Dense(Affine):
 
     def forward(self, params, x, mask=None):
         mW = mask_of(mask, "W")
-        h = kernels.masked_matmul(x, params["W"], mW)  # (B, n_out) = x (mask*W)^T
+        h = masked_kernel(kernels.masked_matmul, x, params["W"], mW)  # (B, n_out) = x where(mask, W, 0)^T
         if self.bias:
             h = h + effective_param(params, mask, "b")
         y, D = self.activation.phi_dphi(h)  # (B, n_out) each
@@ -85,10 +87,10 @@ class Dense(Affine):
         gh = g * cache["D"]  # (B, n_out): dL/dh
         mW = mask_of(mask, "W")
         gW = gh.T @ cache["x"]  # (n_out, n_in)
-        grads = {"W": gW if mW is None else gW * mW}
+        grads = {"W": masked_grad(gW, mask, "W")}
         if self.bias:
             grads["b"] = masked_grad(gh.sum(axis=0), mask, "b")  # (n_out,)
-        g_x = kernels.masked_matmul_t(gh, params["W"], mW) if input_grad else None  # (B, n_in)
+        g_x = masked_kernel(kernels.masked_matmul_t, gh, params["W"], mW) if input_grad else None  # (B, n_in)
         return g_x, grads
 
     def jvp(self, params, cache, v, mask=None, dparams=None):
@@ -124,9 +126,9 @@ class Dense(Affine):
     def mask_grads(self, params, cache, g):
         """``dL/dc_W = (gh^T x) * W`` and ``dL/dc_b = (sum_i gh_i) * b`` with ``gh = g * D``."""
         gh = g * cache["D"]  # (B, n_out): dL/dh
-        out = {"W": (gh.T @ cache["x"]) * params["W"]}  # (n_out, n_in): dL/dW_eff, unmasked, times W
+        out = {"W": (gh.T @ cache["x"]) * stored_finite(params["W"])}  # (n_out, n_in): dL/dW_eff, unmasked, times W
         if self.bias:
-            out["b"] = gh.sum(axis=0) * params["b"]  # (n_out,)
+            out["b"] = gh.sum(axis=0) * stored_finite(params["b"])  # (n_out,)
         return out
 
     def rop_forward(self, params, cache, x_dot, mask=None, dparams=None):
