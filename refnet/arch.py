@@ -72,6 +72,8 @@ ARCH_HELP = """\
 architectures (ACT: an activation name such as tanh, relu, linear, leaky_relu, selu):
   mlp-K-ACT[-wN]  K weight layers of width N (default 100), ACT on all but the last;
                   mlp-7-tanh is the papers' 784-100x6-10 tanh MLP
+  mlp:N0-N1-...-NK:ACT   any widths, input to output (mlp:784-300-100-10:relu); N0 must be the
+                  data's feature count and NK its class count
   lenet300        LeNet-300-100: ReLU n_in-300-100-n_classes (SNIP)
   lenet5[-ACT]    LeNet-5-Caffe: conv20 5x5, maxpool2, conv50 5x5, maxpool2, dense500 relu,
                   dense n_classes (needs images, e.g. 1x28x28); -ACT adds ACT after the convs
@@ -81,10 +83,11 @@ architectures (ACT: an activation name such as tanh, relu, linear, leaky_relu, s
   vgg-11|13|16|19[-ACT][-wX]   CIFAR VGG with conv-BN-ReLU (needs 32x32 images)
   wrn-D-K[-ACT][-wX]    Wide ResNet WRN-D-K (D = 6n+4: 16, 22, 28), pre-activation blocks"""
 
-_PATTERNS = ("mlp-K-ACT[-wN]", "lenet300", "lenet5[-ACT]", "cnn-small-ACT", "resnet-N[-ACT][-wX]",
+_PATTERNS = ("mlp-K-ACT[-wN]", "mlp:N0-...-NK:ACT", "lenet300", "lenet5[-ACT]", "cnn-small-ACT", "resnet-N[-ACT][-wX]",
              "vgg-11|13|16|19[-ACT][-wX]", "wrn-D-K[-ACT][-wX]")
 _ACT = r"([a-z][a-z0-9_]*)"
 _RE_MLP = re.compile(r"mlp-(\d+)-" + _ACT + r"(?:-w(\d+))?")
+_RE_MLP_WIDTHS = re.compile(r"mlp:(\d+(?:-\d+)+):" + _ACT)
 _RE_LENET5 = re.compile(r"lenet5(?:-" + _ACT + r")?")
 _RE_CNN = re.compile(r"cnn-small-" + _ACT)
 _MODERN_TAIL = r"(?:-(?!w\d)([a-z][a-z0-9_]*))?(?:-w(\d+(?:\.\d*)?|\.\d+))?"
@@ -111,6 +114,7 @@ class ArchSpec:
     width : hidden width (mlp) or None
     width_mult : the channel multiplier X of "-wX" (resnet, vgg, wrn; 1.0 without it) or None
     widen : the K of wrn-N-K, or None
+    widths : every layer width N0..NK of ``mlp:N0-...-NK:ACT`` (input to output), or None
     """
 
     spec: str
@@ -120,6 +124,7 @@ class ArchSpec:
     width: int | None = None
     width_mult: float | None = None
     widen: int | None = None
+    widths: tuple | None = None
 
     @property
     def flat_input(self) -> bool:
@@ -154,6 +159,11 @@ def parse_arch(spec) -> ArchSpec:
         if width < 1:
             raise _bad(spec, "width N must be >= 1")
         return ArchSpec(spec, "mlp", depth, _activation(act, spec), width)
+    if m := _RE_MLP_WIDTHS.fullmatch(s):
+        widths = tuple(int(w) for w in m[1].split("-"))
+        if min(widths) < 1:
+            raise _bad(spec, "every width must be >= 1")
+        return ArchSpec(spec, "mlp", len(widths) - 1, _activation(m[2], spec), None, widths=widths)
     if s in ("lenet300", "lenet-300-100", "lenet300-100"):
         return ArchSpec(spec, "lenet300", 3, "relu", None)
     if m := _RE_LENET5.fullmatch(s):
@@ -272,7 +282,12 @@ def _layers(a: ArchSpec, in_shape: tuple, n_classes: int) -> list:
     if a.flat_input:
         layers = [Flatten()] if len(in_shape) == 3 else []
         n_in = prod(in_shape)
-        if a.family == "mlp":
+        if a.family == "mlp" and a.widths is not None:
+            if (a.widths[0], a.widths[-1]) != (n_in, n_classes):
+                raise ValueError(f"arch {a.spec!r} runs {a.widths[0]} -> {a.widths[-1]}, but the data have "
+                                 f"{n_in} features and {n_classes} classes")
+            sizes, act = list(a.widths), a.activation
+        elif a.family == "mlp":
             sizes, act = [n_in] + [a.width] * (a.depth - 1) + [n_classes], a.activation
         else:
             sizes, act = [n_in, 300, 100, n_classes], "relu"

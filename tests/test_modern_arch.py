@@ -259,3 +259,19 @@ def test_modern_network_save_load_and_eval_mode(tmp_path):
     back = rn.load_network(tmp_path / "w.npz")
     np.testing.assert_array_equal(back.forward(x), net.forward(x))
     assert back.mode == "train" and back.with_mode("eval").mode == "eval"
+
+
+def test_any_width_mlp_spec():
+    # mlp:N0-...-NK:ACT builds exactly those widths, ACT on all but the last layer, and refuses a
+    # spec whose ends do not fit the data (planted bug seen failing: the last width ignored)
+    net = rn.build("mlp:784-300-100-10:relu", (784,), 10, seed=0)
+    assert [(l.n_in, l.n_out) for l in net.layers] == [(784, 300), (300, 100), (100, 10)]
+    assert [l.activation.name for l in net.layers] == ["relu", "relu", "identity"]
+    img = rn.build("mlp:64-7-3:tanh", (1, 8, 8), 3, seed=0)  # an image in_shape gets a Flatten first
+    assert isinstance(img.layers[0], rn.Flatten) and img.layers[1].n_out == 7
+    for bad in ("mlp:784-300-9:relu", "mlp:100-300-10:relu"):
+        with pytest.raises(ValueError, match="features and 10 classes"):
+            rn.build(bad, (784,), 10)
+    for bad in ("mlp:784:relu", "mlp:784-0-10:relu", "mlp:784-10:nope"):
+        with pytest.raises(ValueError, match="arch"):
+            rn.build(bad, (784,), 10)
