@@ -324,7 +324,7 @@ def test_every_command_module_is_registered_with_its_attributes():
     # planted bug seen failing: DESCRIPTION not passed on by register_module
     from refnet import cli
 
-    assert [m.NAME for m in cli.COMMAND_MODULES] == ["train", "spectrum", "prune", "reproduce", "audit", "bench", "sweep"]
+    assert [m.NAME for m in cli.COMMAND_MODULES] == ["train", "spectrum", "prune", "lottery", "reproduce", "audit", "bench", "sweep"]
     for m in cli.COMMAND_MODULES:
         cmd = _SUBCOMMANDS[m.NAME]
         assert (cmd.help, cmd.description, cmd.add_arguments, cmd.run) == (m.HELP, m.DESCRIPTION, m.add_arguments, m.run)
@@ -542,3 +542,34 @@ def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path,
     lock.write_text(f"{socket.gethostname()} {int(proc.stdout)}\n")  # a run that is gone
     assert main(argv + ["--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == ["run.json", "stats.json"]
+
+
+def test_lottery_command_equals_the_python_api(tmp_path, capsys):
+    # `refnet lottery` runs refnet.lottery.imp with the flags' values: the same per-round
+    # densities and test accuracies, the last round's masks and network, a tidy CSV and run.json;
+    # a second run into the same --out is refused (planted bug seen failing: --rate not passed on)
+    import csv
+
+    import refnet as rn
+
+    out = tmp_path / "lt"
+    argv = ["lottery", "--data", "digits", "--arch", "mlp-2-tanh", "--rounds", "2", "--rate", "0.3",
+            "--steps", "20", "--batch-size", "50", "--seed", "3", "--out", str(out)]
+    assert main(argv) == 0
+    X, y = data.load("digits", split="train")
+    Xt, yt = data.load("digits", split="test")
+    net = build("mlp-2-tanh", X.shape[1:], 10, init="lecun", seed=3)
+    res = rn.imp(net, X, y, rounds=2, sparsity_per_round=0.3, steps_per_round=20, batch_size=50, seed=3,
+                 X_test=Xt, y_test=yt)
+    rows = json.loads((out / "rounds.json").read_text())
+    assert [r["density"] for r in rows] == [r["density"] for r in res["history"]]
+    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in res["history"]]
+    with open(out / "rounds.csv", newline="") as f:
+        assert [int(r["n_kept"]) for r in csv.DictReader(f)] == [r["n_kept"] for r in res["history"]]
+    masks = np.load(out / "masks.npz")
+    assert all(np.array_equal(masks[f"{i}/W"], m["W"]) for i, m in enumerate(res["history"][-1]["masks"]) if "W" in m)
+    got = load_network(out / "net.npz")
+    assert all(np.array_equal(a["W"], b["W"]) for a, b in zip(got.params, res["net"].params))
+    assert json.loads((out / "run.json").read_text())["command"] == "lottery"
+    capsys.readouterr()
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err

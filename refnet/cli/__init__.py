@@ -64,10 +64,10 @@ def register_module(module) -> None:
 
 
 # the commands, in the order `refnet --help` lists them
-from . import audit, bench, prune, reproduce, spectrum, sweep, train  # noqa: E402
+from . import audit, bench, lottery, prune, reproduce, spectrum, sweep, train  # noqa: E402
 
 #: the command modules registered at import
-COMMAND_MODULES = (train, spectrum, prune, reproduce, audit, bench, sweep)
+COMMAND_MODULES = (train, spectrum, prune, lottery, reproduce, audit, bench, sweep)
 
 for _module in COMMAND_MODULES:
     register_module(_module)
