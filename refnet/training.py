@@ -202,6 +202,25 @@ class History:
         _check_history_fields(values)
         return cls(**values)
 
+    def to_rows(self) -> list[dict]:
+        """One tidy row per evaluation: ``step``, ``train_loss``, ``test_loss``, ``test_acc``,
+        ``train_acc`` and ``elapsed`` (None where a quantity was not measured)."""
+        cols = ("train_loss", "test_loss", "test_acc", "train_acc", "elapsed")
+        at = lambda xs, i: xs[i] if i < len(xs) else None  # noqa: E731
+        return [{"step": s, **{c: at(getattr(self, c), i) for c in cols}} for i, s in enumerate(self.steps)]
+
+    def to_dataframe(self):
+        """:meth:`to_rows` as a :class:`pandas.DataFrame` (pandas is an optional extra)."""
+        from .tables import to_dataframe
+
+        return to_dataframe(self.to_rows())
+
+    def save_csv(self, path) -> None:
+        """Write :meth:`to_rows` as CSV to ``path`` atomically (the tidy twin of :meth:`save_json`)."""
+        from .tables import write_csv
+
+        write_csv(path, self.to_rows(), ("step", "train_loss", "test_loss", "test_acc", "train_acc", "elapsed"))
+
     def save_json(self, path) -> None:
         """Write :meth:`to_dict` as JSON to ``path`` atomically (temporary file in the same
         folder, then ``os.replace``), so a reader never sees a half-written file."""

@@ -24,7 +24,7 @@ DESCRIPTION = (
 )
 
 #: the files a run writes in OUT (an earlier run's are removed first with --overwrite)
-OUTPUTS = ("history.json", "net.npz", "run.json")
+OUTPUTS = ("history.json", "history.csv", "net.npz", "run.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - t0
         net_path = os.path.join(out, "net.npz")
         net.save(net_path)
+        hist.save_csv(os.path.join(out, "history.csv"))  # the tidy table beside history.json
     acc = hist.final_test_acc
     print(
         f"test accuracy: {acc:.4f} (test error {100 * (1 - acc):.2f}%), best test error "
