@@ -10,12 +10,12 @@ NumPy (no autodiff anywhere in the engine).
 from . import activations, arch, conv, data, init, isometry, jacobians, layers, lottery, losses, masks, neuron_pruning, progress, prop1, pruning, saliency, second_order, spectrum, theory, training
 from .activations import Activation, get_activation
 from .init import Initializer, get_initializer
-from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d
+from .layers import Add, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, Layer, MaxPool2d, Residual, SubsamplePad
 from .losses import cross_entropy, get_loss, mse
 from .arch import build
 from .isometry import approximate_isometry, isometry_residuals
 from .neuron_pruning import l1_neuron_prune, orthp
-from .jacobians import jacobian, jacobian_svd, layer_jacobians
+from .jacobians import batch_jacobian, jacobian, jacobian_svd, layer_jacobians
 from .spectrum import jsv_stats, singular_values
 from .lottery import imp
 from .network import Network, Trace, load_network, mlp
@@ -33,7 +33,7 @@ from .pruning import (
 )
 from .saliency import grasp_scores, obd_scores, obs_prune
 from .second_order import gn_diag, gnvp, hessian, hessian_diag, hvp
-from .training import History, train
+from .training import History, TrainingDiverged, train
 
 __version__ = "0.1.0"
 
@@ -73,7 +73,14 @@ __all__ = [
     "synflow_prune",
     "synflow_scores",
     "train",
+    "TrainingDiverged",
+    "Add",
     "AvgPool2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Residual",
+    "SubsamplePad",
+    "batch_jacobian",
     "Conv2d",
     "Dense",
     "Flatten",

@@ -77,6 +77,7 @@ import numpy as np
 
 from ._compat import moved_names
 from ._checks import check_array, check_choice, check_float, check_int
+from .layers.base import where_kept
 from .network import Network, check_net
 from .progress import Progress, progress_target
 
@@ -278,7 +279,7 @@ def isometry_residuals(net: Network, *, squared: bool = False, gram: str = "smal
     idx = select_affine_layers(net, layers)
     out = []
     for i in idx:
-        V = layer_matrix(net.params[i]["W"] * net.masks[i]["W"])
+        V = layer_matrix(where_kept(net.params[i]["W"], net.masks[i]["W"]))
         n = float(np.linalg.norm(gram_residual(V, gram_side(V.shape, gram))))
         out.append(n * n if squared else n)
     return out
@@ -292,7 +293,7 @@ def isometry_gradients(net: Network, squared: bool = False, *, gram: str = "smal
     out = []
     for i in idx:
         W, M = net.params[i]["W"], net.masks[i]["W"]
-        V = layer_matrix(W * M)
+        V = layer_matrix(where_kept(W, M))
         _, g = isometry_value_and_grad(V, layer_matrix(M), squared=squared, gram=gram)
         out.append(g.reshape(W.shape))
     return out
@@ -533,11 +534,13 @@ def approximate_isometry(
     Raises
     ------
     ValueError, TypeError
-        Bad arguments; a network without affine layers.
+        Bad arguments; a network without affine layers; a non-finite kept weight (named with its
+        layer; a pruned entry may hold anything: it contributes exactly zero).
     FloatingPointError
         The objective became non-finite (lr too large); the input network is unchanged anyway.
     """
     check_net(net)
+    net.check_finite("net")
     steps = check_int(steps, "steps", min_value=0)
     lr = check_float(lr, "lr", min_value=0.0, min_inclusive=False)
     tol = check_float(tol, "tol", min_value=0.0)
@@ -558,7 +561,7 @@ def approximate_isometry(
     for i in idx:
         W, M = net.params[i]["W"], net.masks[i]["W"]
         Mm = layer_matrix(M)  # (n_out, n_in) bool
-        Vs.append(layer_matrix(W * M).copy())  # (n_out, n_in)
+        Vs.append(layer_matrix(where_kept(W, M)).copy())  # (n_out, n_in)
         Ms.append(None if Mm.all() else np.ascontiguousarray(Mm))
         steppers.append(_Stepper(Mm.shape, Ms[-1], gram_side(Mm.shape, gram), lr, squared, sparse, engine))
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from ._checks import as_rng, check_choice, check_int
 from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
+from .layers.base import where_kept
 from .losses import cross_entropy, get_loss, softmax
 from .network import Network, check_net
 from .masks import (  # re-exported: refnet.pruning has always offered them
@@ -244,6 +245,9 @@ def connection_sensitivity(
             stacklevel=2,
         )
     keys = ranked_keys(net, include_bias)
+    # dL/dc multiplies the EFFECTIVE weights where(m, w, 0): a NaN stored at a pruned position
+    # contributes 0, not 0 * NaN (the masked gradient is 0 there, so finite weights score the same)
+    eff = [{k: where_kept(net.params[i][k], net.masks[i][k]) for k in ks} for i, ks in enumerate(keys)]
     acc = None  # the first batch's products start the sums (no zeros to add to)
     for start in range(0, B, bs):
         xb = x[start : start + bs]  # (b, *in_shape)
@@ -256,11 +260,11 @@ def connection_sensitivity(
             _, eps = fn(z, y[start : start + bs])
         grads = net.backward(trace, eps)  # masked: m * dL/dW_eff
         if acc is None:
-            acc = [{k: np.multiply(grads[i][k], net.params[i][k]) for k in ks} for i, ks in enumerate(keys)]
+            acc = [{k: np.multiply(grads[i][k], eff[i][k]) for k in ks} for i, ks in enumerate(keys)]
             continue
         for i, ks in enumerate(keys):
             for k in ks:
-                acc[i][k] += grads[i][k] * net.params[i][k]  # dL/dc = (m dL/dW_eff) * w
+                acc[i][k] += grads[i][k] * eff[i][k]  # dL/dc = (m dL/dW_eff) * w
     scores = [{k: np.abs(v, out=v) for k, v in d.items()} for d in acc]  # our own arrays
     if normalize:
         total = sum(float(v.sum()) for d in scores for v in d.values())
@@ -316,7 +320,7 @@ def magnitude_scores(net, *, include_bias: bool = False) -> list[dict]:
     check_net(net)
     include_bias = check_bool(include_bias, "include_bias")
     keys = ranked_keys(net, include_bias)
-    return [{k: np.abs(net.params[i][k] * net.masks[i][k]) for k in ks} for i, ks in enumerate(keys)]
+    return [{k: np.abs(where_kept(net.params[i][k], net.masks[i][k])) for k in ks} for i, ks in enumerate(keys)]
 
 
 # -------------------------------------------------------------------------------------------
@@ -351,7 +355,8 @@ def _synflow_pass(net: Network):
     ``P = prod_l a_l``, and each score ``dR/d|w| |w|`` is divided by the same ``P``.
     """
     layers = _synflow_layers(net)
-    absw = [{"W": np.abs(p["W"] * m["W"]).astype(np.float64)} if "W" in p else {} for p, m in zip(net.params, net.masks)]
+    absw = [{"W": np.abs(where_kept(p["W"], m["W"])).astype(np.float64)} if "W" in p else {}
+            for p, m in zip(net.params, net.masks)]
     x = np.ones((1, *net.in_shape), dtype=np.float64)  # x^0 = 1
     caches, scales = [], []
     for layer, p in zip(layers, absw):

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._checks import check_choice, check_float
 from .layers import Conv2d, Dense
+from .layers.base import where_kept
 from .losses import get_loss, loss_name
 from .masks import keep_count, top_k_mask
 from .network import check_net
@@ -110,7 +111,7 @@ def grasp_scores(
     v = [{"W": gi["W"]} if "W" in gi else {} for gi in g]  # the direction: g on the weights only
     Hg = hvp(net, x, y, v, name, temperature=T)
     scores = [
-        {"W": (p["W"] * m["W"]) * h["W"]} if "W" in p else {} for p, m, h in zip(net.params, net.masks, Hg)
+        {"W": where_kept(p["W"], m["W"]) * h["W"]} if "W" in p else {} for p, m, h in zip(net.params, net.masks, Hg)
     ]  # w (H g), zero at pruned entries
     if normalize:
         total = abs(sum(float(s["W"].sum()) for s in scores if s)) + GRASP_EPS
@@ -156,7 +157,7 @@ def obd_scores(
     out = []
     for p, m, d in zip(net.params, net.masks, h):
         keys = [k for k in ("W", "b") if k in p and (k == "W" or include_bias)]
-        out.append({k: 0.5 * d[k] * (p[k] * m[k]) ** 2 for k in keys})
+        out.append({k: 0.5 * d[k] * where_kept(p[k], m[k]) ** 2 for k in keys})
     return out
 
 
@@ -298,7 +299,7 @@ def obs_prune(net, x, sparsity, *, damp=1e-4, include_layers=None) -> object:
         W = params[i]["W"]
         shape = W.shape
         mask = masks[i]["W"].reshape(shape[0], -1)  # (rows, N)
-        w = (W * masks[i]["W"]).reshape(shape[0], -1)  # (rows, N): the effective weights
+        w = where_kept(W, masks[i]["W"]).reshape(shape[0], -1)  # (rows, N): the effective weights
         sal = w * w / (2.0 * np.diag(Hinv))[None, :]  # (rows, N): OBS saliencies
         new_mask = top_k_mask(sal, keep_count(mask.size, per_layer[i]), mask)  # (rows, N)
         Wn = W.reshape(shape[0], -1).copy()

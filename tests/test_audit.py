@@ -523,7 +523,7 @@ def test_cli_torch_checkpoint_and_state_dict(tmp_path, capsys):
     sd = tmp_path / "sd.pt"
     torch.save(module.state_dict(), sd)
     assert main(["audit", "--torch-state", str(sd), "--torch-arch", "mlp-3-tanh-w8", "--data", "synthetic",
-                 "--n", "8", "--no-jacobian", "--out", str(out), "--quiet"]) == 0
+                 "--n", "8", "--no-jacobian", "--out", str(out), "--overwrite", "--quiet"]) == 0
     assert "PASSED" in capsys.readouterr().out
 
 
@@ -558,8 +558,8 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys):
         (["audit", "--torch", str(sd), "--torch-arch", "mlp-3-relu-w4", "--data", "synthetic"], "does not fit arch"),
         (["audit", "--torch", str(sd), "--torch-arch", "nope", "--data", "synthetic"], "--torch-arch"),
     ]
-    for argv, msg in cases:
-        assert main(argv + ["--out", str(tmp_path / "o")]) == 2, argv
+    for i, (argv, msg) in enumerate(cases):  # one --out each: a failed run leaves its run.json there
+        assert main(argv + ["--out", str(tmp_path / f"o{i}")]) == 2, argv
         err = capsys.readouterr().err
         assert "refnet: error:" in err and msg in err, (argv, err)
 

@@ -510,7 +510,7 @@ def test_an_earlier_runs_folder_is_refused_without_overwrite(tmp_path, capsys):
     argv = ["train", "--data", "synthetic", "--arch", "mlp-2-tanh", "--steps", "3", "--quiet", "--out", str(out)]
     assert main(argv) == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert set(first) == {"history.json", "net.npz", "run.json"}
+    assert set(first) == {"history.json", "history.csv", "net.npz", "run.json"}
     capsys.readouterr()
     assert main(argv + ["--seed", "3"]) == 2
     err = capsys.readouterr().err

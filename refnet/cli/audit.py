@@ -15,7 +15,7 @@ import os
 import sys
 from math import prod
 
-from .args import CLIError, arch_name, dataset_name, float_in, int_at_least
+from .args import CLIError, arch_name, check_data_flags, claim_out, dataset_name, float_in, int_at_least
 
 NAME = "audit"
 HELP = "compare a PyTorch or ONNX model (or another framework's .npz) with refnet's float64 reference"
@@ -50,6 +50,9 @@ inputs (one of):
   --npz FILE     a framework-neutral file (docs/audit.md): architecture, weights, x, y and the
                  other framework's outputs.
 exit status: 0 all comparisons passed, 1 a comparison failed, 2 bad arguments or input."""
+
+#: the files a run writes in OUT (an earlier run's are removed first with --overwrite)
+OUTPUTS = ("report.md", "report.json", "report.csv", "reference.npz", "run.json")
 
 
 def _shape_arg(text: str) -> tuple:
@@ -99,6 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-as-run", action="store_true", help="skip the audit of the model in its own dtype")
     p.add_argument("--no-jacobian", action="store_true", help="skip the Jacobians and their singular values")
     p.add_argument("--out", default=os.path.join("runs", "audit"), help="folder for report.md and report.json (default runs/audit)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out (the earlier run's files are removed first)")
     p.add_argument("--quiet", action="store_true", help="print only the result line")
 
 
@@ -174,27 +178,14 @@ def _run_onnx(args, out):
     return report, npz
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``refnet audit``; 0 when every comparison passed, 1 otherwise (bad input raises)."""
+def _audit(args, out: str):
+    """The audit itself, after every flag was checked: ``(report, extra)`` (extra: the path of
+    refnet's reference results, ONNX only)."""
     from .. import data as _data
     from ..audit import compare_npz, compare_torch, load_torch_checkpoint
 
-    out = args.out
     extra = None
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CLIError(f"argument --out: {out!r} exists and is not a folder")
-    if args.torch_arch is not None and (args.onnx or args.torch_module):
-        raise CLIError("argument --torch-arch: only used with --torch (a bare state_dict)")
-    if args.mode is not None and (args.onnx or args.npz):
-        raise CLIError("argument --mode: only used with --torch or --torch-module (an ONNX graph or .npz fixes its mode)")
-    if args.no_as_run and args.onnx:
-        raise CLIError("argument --no-as-run: the ONNX audit is the audit as onnxruntime runs the model")
-    if args.weights is not None and args.torch_module is None:
-        raise CLIError("argument --weights: only used with --torch-module")
     if args.npz is not None:
-        for opt in ("torch_arch", "data", "in_shape"):
-            if getattr(args, opt) is not None:
-                raise CLIError(f"argument --{opt.replace('_', '-')}: not used with --npz (the file holds everything)")
         report = compare_npz(args.npz, rtol=args.rtol, rtol_as_run=args.rtol_as_run, sparsity=args.sparsity,
                              jacobian=False if args.no_jacobian else None)
     elif args.onnx is not None:
@@ -242,7 +233,33 @@ def run(args: argparse.Namespace) -> int:
                                rtol=args.rtol, rtol_as_run=args.rtol_as_run,
                                dtype_as_run=False if args.no_as_run else None, jacobian=not args.no_jacobian)
         report.meta.update({"torch_file": os.path.abspath(args.torch), "arch": meta["arch"], "data": f"{name} {args.split}[:{n}]"})
-    md, js = report.save(out)
+    return report, extra
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``refnet audit``; 0 when every comparison passed, 1 otherwise (bad input raises)."""
+    from ..provenance import recording
+
+    out = args.out
+    if args.torch_arch is not None and (args.onnx or args.torch_module):
+        raise CLIError("argument --torch-arch: only used with --torch (a bare state_dict)")
+    if args.mode is not None and (args.onnx or args.npz):
+        raise CLIError("argument --mode: only used with --torch or --torch-module (an ONNX graph or .npz fixes its mode)")
+    if args.no_as_run and args.onnx:
+        raise CLIError("argument --no-as-run: the ONNX audit is the audit as onnxruntime runs the model")
+    if args.weights is not None and args.torch_module is None:
+        raise CLIError("argument --weights: only used with --torch-module")
+    if args.npz is not None:
+        for opt in ("torch_arch", "data", "in_shape"):
+            if getattr(args, opt) is not None:
+                raise CLIError(f"argument --{opt.replace('_', '-')}: not used with --npz (the file holds everything)")
+    elif args.data is not None or args.data_dir is not None:
+        check_data_flags(args.data or "mnist5k", args.data_dir)
+    if args.npz is not None and args.data_dir is not None:
+        raise CLIError("argument --data-dir: not used with --npz (the file holds everything)")
+    with claim_out(out, overwrite=args.overwrite, outputs=OUTPUTS) as folder, recording(folder, NAME, args):
+        report, extra = _audit(args, os.fspath(folder))
+        md, js = report.save(folder)
     if args.quiet:
         print(f"refnet audit: {'PASSED' if report.passed else 'FAILED'} ({len(report.failures())} of {len(report.checks)} checks failed)")
     else:

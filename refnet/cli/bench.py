@@ -5,6 +5,9 @@ from the ``refnet`` command. The suites and their options are those of ``python 
 from __future__ import annotations
 
 import argparse
+import os
+
+from .args import CLIError
 
 NAME = "bench"
 HELP = "time refnet beside NumPy, SciPy, PyTorch and JAX (whichever are installed) in one run"
@@ -27,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the suites ``args.names`` (all when empty); 0 on success."""
+    if os.path.isdir(args.out):  # before the suites run, not when their results are written
+        raise CLIError(f"argument --out: {args.out!r} is a folder; give the JSON file to write")
     from ..benchmarks.__main__ import run as run_suites
 
     return run_suites(args)

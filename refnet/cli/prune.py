@@ -6,8 +6,10 @@ values (JSV) at initialization, optionally train it densely first (``--pretrain-
 protocol of OBD and L-OBS, which prune a trained network), prune it (connection sensitivity, a
 baseline, SynFlow, GraSP, OBD or L-OBS), measure again, optionally repair the pruned weights by
 approximate isometry (``--repair ai``) and measure again, then train and report the test error.
-Writes OUT/masks.npz, OUT/net.npz, OUT/history.json, OUT/summary.json and, with matplotlib,
-OUT/curves.png.
+Writes OUT/masks.npz, OUT/net.npz, OUT/history.json, OUT/summary.json, OUT/run.json and, with
+matplotlib, OUT/curves.png. Every flag is checked before any work (the network is built from the
+dataset's shape before any data are read); ``--out`` is refused when it holds an earlier run's
+files, unless ``--overwrite`` (:func:`refnet.cli.args.claim_out`).
 
 The pruned network comes from :func:`refnet.pruning.prune_network`: for every method but L-OBS
 the masks of :func:`refnet.pruning.masks_for` (the one dispatch from a method name to its masks,
@@ -24,7 +26,7 @@ import os
 import sys
 import time
 
-from .args import arch_name, dataset_name, float_in, init_name, int_at_least
+from .args import arch_name, check_data_flags, claim_out, dataset_name, float_in, init_name, int_at_least
 
 __all__ = ["NAME", "HELP", "DESCRIPTION", "METHODS", "add_arguments", "run"]
 
@@ -34,8 +36,12 @@ DESCRIPTION = (
     "Build a network, measure its Jacobian singular values, optionally train it densely\n"
     "(--pretrain-steps), prune it (connection sensitivity, a baseline, SynFlow, GraSP, OBD or\n"
     "L-OBS), optionally repair it (--repair ai), measure again, train and report the test error.\n"
-    "Writes OUT/masks.npz, net.npz, history.json, summary.json, curves.png."
+    "Writes OUT/masks.npz, net.npz, history.json, summary.json, curves.png, run.json\n"
+    "(an existing non-empty OUT is refused unless --overwrite)."
 )
+
+#: the files a run writes in OUT (an earlier run's are removed first with --overwrite)
+OUTPUTS = ("masks.npz", "net.npz", "history.json", "summary.json", "curves.png", "run.json")
 
 #: --method choices (refnet.pruning.NETWORK_METHODS, in its order): name -> what it scores
 METHODS = {
@@ -97,6 +103,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int_at_least(1), default=100, help="mini-batch size (default 100)")
     g.add_argument("--weight-decay", type=float_in(0.0), default=0.00025, help="coefficient of sum ||mask*W||^2 (default 0.00025, as the SPP code)")
     g.add_argument("--out", default=os.path.join("runs", "prune"), help="output folder (default runs/prune)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --out (the earlier run's files are removed first)")
     g.add_argument("--quiet", action="store_true", help="print only the final lines")
 
 
@@ -110,25 +118,39 @@ def _masks_npz(path, masks) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``refnet prune``; 0 on success (bad input raises)."""
+    from .. import data
+    from ..arch import build, parse_arch
+    from ..provenance import recording
+    from ..pruning import check_method_options
+
+    # every check before any work: the flags together, the network (from the dataset's shape)
+    check_method_options(args.method, scope=args.scope, batch_size=args.score_batch_size,
+                         temperature=args.temperature, damp=args.damp)
+    check_data_flags(args.data, args.data_dir)
+    spec = parse_arch(args.arch)
+    info = data.DATASETS[args.data]
+    init_kwargs = {k: v for k, v in (("gamma", args.gamma), ("gain", args.gain), ("sigma_b", args.sigma_b)) if v is not None}
+    # the network from the dataset's shape, before any data are read
+    net = build(args.arch, info.in_shape(flatten=spec.flat_input), info.n_classes, init=args.init, seed=args.seed,
+                **init_kwargs)
+    with claim_out(args.out, overwrite=args.overwrite, outputs=OUTPUTS) as out, recording(out, NAME, args):
+        return _run(args, net, spec, init_kwargs, out)
+
+
+def _run(args, net, spec, init_kwargs, out) -> int:
+    """The work of :func:`run` in the claimed folder ``out``."""
     import numpy as np
 
     from .. import data
     from .._io import atomic_write_text, jsonable
-    from ..arch import build, parse_arch
     from ..isometry import approximate_isometry, format_isometry_report
-    from ..pruning import UPDATE_METHODS, check_method_options, format_pruning_report, prune_network, pruning_report
+    from ..pruning import UPDATE_METHODS, format_pruning_report, prune_network, pruning_report
     from ..spectrum import format_stats, jsv_stats
     from ..training import train
 
     say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
-    check_method_options(args.method, scope=args.scope, batch_size=args.score_batch_size,
-                         temperature=args.temperature, damp=args.damp)  # before any work
-    os.makedirs(args.out, exist_ok=True)
-    spec = parse_arch(args.arch)
     X, y = data.load(args.data, split="train", data_dir=args.data_dir, flatten=spec.flat_input)
     Xt, yt = data.load(args.data, split="test", data_dir=args.data_dir, flatten=spec.flat_input)
-    init_kwargs = {k: v for k, v in (("gamma", args.gamma), ("gain", args.gain), ("sigma_b", args.sigma_b)) if v is not None}
-    net = build(args.arch, X.shape[1:], data.DATASETS[args.data].n_classes, init=args.init, seed=args.seed, **init_kwargs)
     say(net.summary())
     xj = Xt[: args.jsv_examples]
     scope = args.scope or ("layer" if args.method in UPDATE_METHODS else "global")
@@ -162,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     report = pruning_report(pruned)
     summary["layers"] = report
     say(format_pruning_report(report))
-    _masks_npz(os.path.join(args.out, "masks.npz"), pruned.masks)
+    _masks_npz(os.path.join(out, "masks.npz"), pruned.masks)
     measure("after pruning", pruned)
     if args.repair == "ai":
         t = time.perf_counter()
@@ -176,19 +198,19 @@ def run(args: argparse.Namespace) -> int:
         hist = train(pruned, X, y, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
                      weight_decay=args.weight_decay, seed=args.seed, X_test=Xt, y_test=yt,
                      progress=None if not args.quiet else False,
-                     history_path=os.path.join(args.out, "history.json"))
+                     history_path=os.path.join(out, "history.json"))
         still_pruned = all(not np.any((p[k] * ~m[k]) != (net.params[i][k] * ~m[k]))
                            for i, (p, m) in enumerate(zip(pruned.params, pruned.masks)) for k in p)
         summary.update(final_test_error=1 - hist.final_test_acc, best_test_error=hist.best_test_error,
                        best_test_step=hist.best_test_step, train_seconds=hist.wall_time,
                        pruned_weights_untouched=bool(still_pruned))
-        curves = _plot_curves(os.path.join(args.out, "curves.png"), hist)
+        curves = _plot_curves(os.path.join(out, "curves.png"), hist)
         if curves:
             summary["curves"] = os.path.basename(curves)
         print(f"final test error {100 * (1 - hist.final_test_acc):.2f}%, best {100 * hist.best_test_error:.2f}% "
               f"at step {hist.best_test_step}")
-    pruned.save(os.path.join(args.out, "net.npz"))
-    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(jsonable(summary), indent=2, allow_nan=False))
+    pruned.save(os.path.join(out, "net.npz"))
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(jsonable(summary), indent=2, allow_nan=False))
     print(f"wrote {args.out}/summary.json, masks.npz, net.npz" + (", history.json, curves.png" if args.train_steps else ""))
     sys.stdout.flush()
     return 0

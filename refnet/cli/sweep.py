@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .args import arch_name, dataset_name, float_in, init_name, int_at_least
+from .args import arch_name, dataset_name, float_in, init_name, int_at_least, scheduler_address
 
 NAME = "sweep"
 HELP = "run the pruning pipeline over a grid of settings on Dask workers; resumable, tidy results"
@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int_at_least(0), default=2,
                    help="worker processes of the local Dask cluster, one thread each (default 2; 0: one after "
                    "another in this process, without Dask)")
-    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+    g.add_argument("--scheduler", type=scheduler_address, default=None, metavar="ADDRESS",
                    help="run on an existing Dask cluster, e.g. tcp://10.0.0.1:8786 (workers started with --nthreads 1)")
     g.add_argument("--out", default=os.path.join("runs", "sweep"), help="output folder (default runs/sweep)")
     g.add_argument("--overwrite", action="store_true",
