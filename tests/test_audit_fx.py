@@ -531,7 +531,7 @@ def test_cli_torch_module_factory(tmp_path, capsys):
         sys.path.remove(str(tmp_path))
     other = mod.Net().double()
     torch.save(other.state_dict(), tmp_path / "w.pt")
-    assert main(["audit", "--torch-module", spec, "--weights", str(tmp_path / "w.pt"), "--n", "4", "--no-jacobian",
+    assert main(["audit", "--torch-module", spec, "--weights", str(tmp_path / "w.pt"), "--n", "4", "--no-jacobian", "--overwrite",
                  "--out", str(out), "--quiet"]) == 0
     d = json.loads((out / "report.json").read_text())
     assert d["meta"]["module_dtype"] == "float64" and d["meta"]["weights"] == str(tmp_path / "w.pt")
@@ -544,7 +544,7 @@ def test_cli_torch_module_factory(tmp_path, capsys):
         ([f"{tmp_path / 'missing.py'}:make"], "does not exist"),
     ]
     for argv, msg in cases:
-        assert main(["audit", "--torch-module", *argv, "--n", "4", "--out", str(out)]) == 2, argv
+        assert main(["audit", "--torch-module", *argv, "--n", "4", "--out", str(out), "--overwrite"]) == 2, argv
         err = capsys.readouterr().err
         assert "refnet: error:" in err and msg in err, (argv, err)
     assert main(["audit", "--torch-module", spec, "--torch-arch", "mlp-2-relu", "--out", str(out)]) == 2

@@ -264,7 +264,7 @@ def test_cli_onnx(rng, tmp_path, capsys):
     for argv, msg in (([str(bad)], "unsupported operation node 1 'y' (Softmax)"),
                       ([str(path), "--no-as-run"], "--no-as-run: the ONNX audit is"),
                       ([str(tmp_path / "none.onnx")], "does not exist")):
-        assert main(["audit", "--onnx", *argv, "--data", "synthetic", "--out", str(out)]) == 2, argv
+        assert main(["audit", "--onnx", *argv, "--data", "synthetic", "--out", str(out), "--overwrite"]) == 2, argv
         err = capsys.readouterr().err
         assert msg in err, (argv, err)
 

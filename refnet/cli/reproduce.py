@@ -131,8 +131,13 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise CLIError(f"argument --engine: {exc}") from None
     names = args.names or list(SCRIPTS)
-    with claim_out(args.out, resume=True):  # one run at a time writes into OUT (it resumes there)
-        return _run_scripts(args, names, Path(args.out))
+    from ..provenance import finish_record, recording
+
+    with claim_out(args.out, resume=True) as out, recording(out, NAME, args) as record:  # one run at a time; it resumes
+        rc = _run_scripts(args, names, Path(args.out))
+        if rc:
+            finish_record(record, status="failed", error="a validation script failed (see SUMMARY.md)")
+        return rc
 
 
 def _run_scripts(args, names: list, out: Path) -> int:
