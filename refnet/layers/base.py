@@ -11,7 +11,7 @@ import numpy as np
 from .._checks import check_int
 from ..activations import get_activation
 
-__all__ = ["Affine", "Layer", "effective_param", "flat_rows", "mask_of", "masked_grad", "masked_kernel", "pair_arg", "stored_finite", "where_kept"]
+__all__ = ["Affine", "Layer", "NoSecondOrder", "effective_param", "flat_rows", "mask_of", "masked_grad", "masked_kernel", "pair_arg", "stored_finite", "where_kept"]
 
 
 def pair_arg(value, name: str, min_value: int) -> tuple[int, int]:
@@ -405,3 +405,24 @@ class Affine(Layer):
             return None
         r = g * self.activation.d2phi(cache["h"])
         return r if h_dot is None else r * h_dot
+
+
+class NoSecondOrder:
+    """Mixin for a layer whose second-order rules are not derived: every R-operator entry point
+    (:meth:`Layer.rop_forward`, :meth:`Layer.rop_backward`, :meth:`Layer.hessian_diag_backward`)
+    raises ``NotImplementedError`` with the class's ``SECOND_ORDER_WHY`` (``{name}``: the class)."""
+
+    SECOND_ORDER_WHY = "second-order products are not derived for {name}"
+
+    def _no_second_order(self):
+        raise NotImplementedError(self.SECOND_ORDER_WHY.format(name=type(self).__name__))
+
+    def rop_forward(self, params, cache, x_dot, mask=None, dparams=None):
+        self._no_second_order()
+
+    def rop_backward(self, params, cache, rcache, g, g_dot, mask=None, dparams=None, input_grad=True, param_grads=True):
+        self._no_second_order()
+
+    def hessian_diag_backward(self, params, cache, Q, coef, g=None, mask=None, input_rows=True):
+        self._no_second_order()
+

@@ -54,7 +54,7 @@ import numpy as np
 
 from .._checks import check_choice, check_float, check_int
 from ..activations import Activation, get_activation
-from .base import Layer, effective_param, masked_grad
+from .base import Layer, NoSecondOrder, effective_param, masked_grad
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BN_MODES"]
 
@@ -63,8 +63,11 @@ BN_MODES = ("train", "eval")
 
 
 @dataclass(frozen=True)
-class _BatchNorm(Layer):
+class _BatchNorm(NoSecondOrder, Layer):
     """Shared part of :class:`BatchNorm1d` and :class:`BatchNorm2d` (see the module docstring)."""
+
+    SECOND_ORDER_WHY = ("second-order products (R-operator, Hessian diagonal) are not derived for {name}; "
+                        "refnet.second_order supports Dense, Conv2d and the parameter-free layers")
 
     num_features: int
     eps: float = 1e-5
@@ -339,21 +342,6 @@ class _BatchNorm(Layer):
         return {"gamma": (gh * self._bcs(cache["xhat"])).sum(axis=(0, 2)) * params["gamma"],
                 "beta": gh.sum(axis=(0, 2)) * params["beta"]}
 
-    # --- second order: not derived for batch normalization -------------------------------------
-    def _no_second_order(self):
-        raise NotImplementedError(
-            f"second-order products (R-operator, Hessian diagonal) are not derived for {type(self).__name__}; "
-            "refnet.second_order supports Dense, Conv2d and the parameter-free layers"
-        )
-
-    def rop_forward(self, params, cache, x_dot, mask=None, dparams=None):
-        self._no_second_order()
-
-    def rop_backward(self, params, cache, rcache, g, g_dot, mask=None, dparams=None, input_grad=True, param_grads=True):
-        self._no_second_order()
-
-    def hessian_diag_backward(self, params, cache, Q, coef, g=None, mask=None, input_rows=True):
-        self._no_second_order()
 
 
 @dataclass(frozen=True)

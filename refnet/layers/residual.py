@@ -27,13 +27,13 @@ import numpy as np
 
 from .._checks import check_int
 from ..activations import Activation, get_activation
-from .base import Layer, flat_rows
+from .base import Layer, NoSecondOrder, flat_rows
 
 __all__ = ["Add", "Residual", "SubsamplePad", "expand_layers"]
 
 
 @dataclass(frozen=True)
-class Add(Layer):
+class Add(NoSecondOrder, Layer):
     r"""The sum of ``n_inputs`` nodes of the same shape, then phi: ``y = phi(x_1 + ... + x_n)``.
 
     A multi-input layer: :meth:`forward` takes a tuple of inputs, :meth:`vjp` and
@@ -49,6 +49,9 @@ class Add(Layer):
         phi after the sum (a CIFAR ResNet block: ``"relu"``).
     n_inputs : int >= 2
     """
+
+    SECOND_ORDER_WHY = ("second-order products are not derived for networks with residual connections (Add); "
+                        "refnet.second_order walks chains of Dense, Conv2d and parameter-free layers")
 
     activation: Activation = "identity"
     n_inputs: int = 2
@@ -122,20 +125,6 @@ class Add(Layer):
         J[:, np.arange(N), np.arange(N)] = D
         return J
 
-    def _no_second_order(self):
-        raise NotImplementedError(
-            "second-order products are not derived for networks with residual connections (Add); "
-            "refnet.second_order walks chains of Dense, Conv2d and parameter-free layers"
-        )
-
-    def rop_forward(self, params, cache, x_dot, mask=None, dparams=None):
-        self._no_second_order()
-
-    def rop_backward(self, params, cache, rcache, g, g_dot, mask=None, dparams=None, input_grad=True, param_grads=True):
-        self._no_second_order()
-
-    def hessian_diag_backward(self, params, cache, Q, coef, g=None, mask=None, input_rows=True):
-        self._no_second_order()
 
 
 @dataclass(frozen=True)
