@@ -328,22 +328,58 @@ def magnitude_scores(net, *, include_bias: bool = False) -> list[dict]:
 # -------------------------------------------------------------------------------------------
 
 
-def _synflow_layers(net: Network) -> list:
-    """The linear, bias-free copy of every layer (activations replaced by the identity)."""
-    out = []
+def _synflow_copy(net: Network):
+    """The linear, bias-free copy of every layer (activations replaced by the identity), its
+    parameters (``|m * W|``; BatchNorm: ``|gamma|``, ``beta = 0``) and buffers (BatchNorm in eval
+    mode with running mean 0 and the network's running variance: the diagonal scaling
+    ``|gamma| / sqrt(var + eps)``, as Synaptic-Flow scores a model in eval mode)."""
+    from .layers import Add, SubsamplePad
+
+    layers, params, buffers = [], [], []
     for i, layer in enumerate(net.layers):
+        p, m, buf = net.params[i], net.masks[i], net.buffers[i]
+        q, b = {}, {}
         if isinstance(layer, Dense):
-            out.append(Dense(layer.n_in, layer.n_out, bias=False))
+            new = Dense(layer.n_in, layer.n_out, bias=False)
         elif isinstance(layer, Conv2d):
-            out.append(
-                Conv2d(layer.c_in, layer.c_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                       padding_mode=layer.padding_mode, bias=False)
-            )
-        elif isinstance(layer, _PARAM_FREE):
-            out.append(layer)
+            new = Conv2d(layer.c_in, layer.c_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                         padding_mode=layer.padding_mode, bias=False)
+        elif "running_var" in buf:  # BatchNorm1d / BatchNorm2d
+            new = type(layer)(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine, mode="eval")
+            if layer.affine:
+                g_m = m.get("gamma")
+                q = {"gamma": np.abs(p["gamma"] if g_m is None else where_kept(p["gamma"], g_m)).astype(np.float64),
+                     "beta": np.zeros(layer.num_features)}
+            b = {"running_mean": np.zeros(layer.num_features), "running_var": np.asarray(buf["running_var"], np.float64)}
+        elif isinstance(layer, Add):
+            new = Add(n_inputs=layer.n_inputs)
+        elif isinstance(layer, _PARAM_FREE + (SubsamplePad,)):
+            new = layer
         else:
             raise TypeError(f"synflow does not know layers[{i}] of type {type(layer).__name__}")
-    return out
+        if "W" in p:
+            q = {"W": np.abs(where_kept(p["W"], m["W"])).astype(np.float64)}
+        layers.append(new)
+        params.append(q)
+        buffers.append(b)
+    return layers, params, buffers
+
+
+def _synflow_graph_pass(net: Network, layers, params, buffers):
+    """SynFlow on a network with shortcuts: one unscaled pass of the linear copy on the same graph
+    (the per-layer rescaling of the chain is exact only for chains: a path around a block skips
+    its factors)."""
+    copy = Network(layers, in_shape=net.in_shape, dtype=np.float64, params=params, buffers=buffers, inputs=net.inputs)
+    out, trace = copy.forward(np.ones((1, *net.in_shape)), return_trace=True)
+    R = float(out.sum())  # 1^T x^K
+    if not np.isfinite(R):
+        raise ValueError(f"synflow: R = 1^T x^K overflows float64 on this {len(layers)}-layer network with shortcuts "
+                         "(no exact rescaling exists across an Add)")
+    if R == 0.0:
+        return [{k: np.zeros_like(v) for k, v in q.items() if k == "W"} for q in params], -np.inf, 0.0
+    grads = copy.backward(trace, np.ones_like(out))  # dR/dtheta
+    scores = [{"W": g["W"] * q["W"]} if "W" in q else {} for g, q in zip(grads, params)]
+    return scores, 0.0, R
 
 
 def _synflow_pass(net: Network):
@@ -354,16 +390,17 @@ def _synflow_pass(net: Network):
     the same as using ``|W^l| / a_l``: ``R`` is multilinear in the layers, so ``R' = R / P`` with
     ``P = prod_l a_l``, and each score ``dR/d|w| |w|`` is divided by the same ``P``.
     """
-    layers = _synflow_layers(net)
-    absw = [{"W": np.abs(where_kept(p["W"], m["W"])).astype(np.float64)} if "W" in p else {}
-            for p, m in zip(net.params, net.masks)]
+    layers, params, buffers = _synflow_copy(net)
+    if not net.is_chain:
+        return _synflow_graph_pass(net, layers, params, buffers)
+    absw = [{**q, **b} for q, b in zip(params, buffers)]  # BatchNorm: the running statistics beside
     x = np.ones((1, *net.in_shape), dtype=np.float64)  # x^0 = 1
     caches, scales = [], []
     for layer, p in zip(layers, absw):
         y, cache = layer.forward(p, x, None)  # (1, *out_shape), non-negative
         a = float(y.max()) if y.size else 0.0
         if not a > 0.0:  # no signal reaches this layer: R = 0 and every score is 0
-            zeros = [{k: np.zeros_like(v) for k, v in p.items()} for p in absw]
+            zeros = [{k: np.zeros_like(v) for k, v in q.items() if k == "W"} for q in params]
             return zeros, -np.inf, 0.0
         x = y / a
         caches.append(cache)
@@ -374,8 +411,8 @@ def _synflow_pass(net: Network):
     for i in range(len(layers) - 1, -1, -1):
         g = g / scales[i]  # dR'/dy for y = a_i x^i
         g_x, grads = layers[i].vjp(absw[i], caches[i], g, None, input_grad=i > 0)
-        if "W" in absw[i]:
-            scores[i] = {"W": grads["W"] * absw[i]["W"]}  # dR'/d|w| * |w|
+        if "W" in params[i]:
+            scores[i] = {"W": grads["W"] * params[i]["W"]}  # dR'/d|w| * |w|
         g = g_x
     return scores, float(np.sum(np.log(scales))), R_prime
 
@@ -420,7 +457,11 @@ def synflow_scores(net, in_shape=None, *, normalize: bool = True) -> list[dict]:
     evaluated on a linear, bias-free copy of the network with every weight replaced by its
     absolute effective value ``|m * W|`` (activations -> identity, biases ignored, AvgPool and
     flatten linear, MaxPool2d routed by its arg-max on the positive all-ones-input signal) and the
-    all-ones input ``x^0 = 1``. Pruned weights score 0.
+    all-ones input ``x^0 = 1``. Pruned weights score 0. BatchNorm becomes the diagonal scaling
+    ``|gamma| / sqrt(running_var + eps)`` (eval mode with mean and ``beta`` 0, as Synaptic-Flow
+    scores a model in eval mode; gamma is not scored); residual additions stay sums, and a network
+    with shortcuts is evaluated in one unscaled pass (a ``ValueError`` if ``R`` overflows float64),
+    since the per-layer rescaling below is exact only for chains.
 
     Conservation (Tanaka et al., Theorem 1): for every affine layer ``sum_j S_j = R`` (Euler's
     theorem: ``R`` is positively 1-homogeneous in each layer), so all layers have the same total.

@@ -389,8 +389,9 @@ def test_random_residual_networks_match_pytorch(net_rng):
     assert abs(loss - lt.item()) <= 1e-10 * abs(lt.item())
     # relative to each gradient's own scale; a gradient that is zero but for rounding (a bias before a
     # train-mode batch norm: its exact gradient is 0, both sides hold sums of rounding errors) is
-    # compared with an absolute floor at 1e-12 of the largest gradient
-    floor = 1e-12 * max(float(np.abs(t.grad.numpy()).max()) for p in leaves for t in p.values())
+    # compared with an absolute floor at 1e-11 of the largest gradient (1e-12 was reached by the
+    # rounding noise of such a cancelled sum: 1.9e-12 against a largest gradient of 0.28)
+    floor = 1e-11 * max(float(np.abs(t.grad.numpy()).max()) for p in leaves for t in p.values())
     for i, p in enumerate(leaves):
         for k, t in p.items():
             ref = t.grad.numpy()
