@@ -275,6 +275,22 @@ def read_npz(path, what: str = "npz file") -> dict:
     return out
 
 
+def json_entry(entry, where: str, name: str) -> dict:
+    """The JSON object stored as the 0-d string array ``entry`` (an ``.npz`` member such as a
+    network's ``config`` or an audit file's ``arch``); ``ValueError`` naming ``where`` and ``name``
+    when it is not a string, not JSON, or not an object."""
+    if entry.ndim != 0 or entry.dtype.kind not in "US":
+        raise ValueError(f"{where}: {name!r} must be a JSON string (0-d str array), got dtype {entry.dtype}, "
+                         f"shape {entry.shape}")
+    try:
+        obj = json.loads(str(entry))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: {name!r} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: {name!r} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def read_json(path, what: str = "JSON file"):
     """The JSON document in ``path`` (UTF-8). An empty file, bytes that are not UTF-8 or text that
     is not JSON is a ``ValueError`` naming ``path`` (and the line and column of a syntax error)."""

@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ._io import atomic_savez, read_npz
+from ._io import atomic_savez, json_entry, read_npz
 from ._checks import as_rng, check_array, check_choice, check_float, check_int, check_labels, check_memory, check_shape_tuple, resolve_dtype
 from .activations import get_activation
 from .init import Initializer, get_initializer
@@ -807,15 +807,7 @@ class Network:
         """The network described by the arrays of a saved file (see :meth:`load`)."""
         if "config" not in data:
             raise ValueError(f"{where} has no 'config' entry: not a refnet network file (entries {sorted(data)[:8]})")
-        c = data.pop("config")
-        if c.ndim != 0 or c.dtype.kind not in "US":
-            raise ValueError(f"{where}: 'config' must be a JSON string, got dtype {c.dtype} and shape {c.shape}")
-        try:
-            cfg = json.loads(str(c))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: config is not valid JSON: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{where}: config must be a JSON object, got {type(cfg).__name__}")
+        cfg = json_entry(data.pop("config"), where, "config")
         if cfg.get("format") != "refnet.Network" or cfg.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"{where}: expected format refnet.Network version {FORMAT_VERSION}, "

@@ -41,7 +41,7 @@ import warnings
 import numpy as np
 
 from ._checks import as_rng, check_choice, check_int
-from .layers import AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d
+from .layers import Add, AvgPool2d, Conv2d, Dense, Flatten, GlobalAvgPool2d, MaxPool2d, SubsamplePad
 from .layers.base import where_kept
 from .losses import cross_entropy, get_loss, softmax
 from .network import Network, check_net
@@ -333,8 +333,6 @@ def _synflow_copy(net: Network):
     parameters (``|m * W|``; BatchNorm: ``|gamma|``, ``beta = 0``) and buffers (BatchNorm in eval
     mode with running mean 0 and the network's running variance: the diagonal scaling
     ``|gamma| / sqrt(var + eps)``, as Synaptic-Flow scores a model in eval mode)."""
-    from .layers import Add, SubsamplePad
-
     layers, params, buffers = [], [], []
     for i, layer in enumerate(net.layers):
         p, m, buf = net.params[i], net.masks[i], net.buffers[i]

@@ -12,7 +12,7 @@ from math import prod
 import numpy as np
 
 from .. import kernels
-from .._io import atomic_savez, read_npz
+from .._io import atomic_savez, json_entry, read_npz
 from ..network import Network
 from .reference import (
     AS_RUN_RTOL,
@@ -43,15 +43,7 @@ def _npz_arch(data: dict, path: str):
     key = "arch"
     if key not in data:
         raise ValueError(f"{path}: missing key 'arch' (the architecture as a JSON string)")
-    a = data[key]
-    if a.ndim != 0 or a.dtype.kind not in "US":
-        raise ValueError(f"{path}: {key!r} must be a JSON string (0-d str array), got dtype {a.dtype}, shape {a.shape}")
-    try:
-        cfg = json.loads(str(a))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: {key!r} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: {key!r} must be a JSON object, got {type(cfg).__name__}")
+    cfg = json_entry(data[key], path, key)
     if "layers" in cfg:
         if "in_shape" not in cfg:
             raise ValueError(f"{path}: {key!r} has 'layers' but no 'in_shape'")
