@@ -10,8 +10,10 @@ with ``x~`` the padded input. im2col gathers the patches into ``cols`` of shape
 ``(B, P, K)`` with ``P = Ho Wo`` and ``K = C kh kw`` (column order (c, u, v), that of
 ``W.reshape(c_out, K)``), so that ``h = cols @ W_f^T``. The gather is one fancy index into the
 flattened input extended by a single zero (the target of every zero-padding tap):
-:func:`patch_index`. Its adjoint (col2im) sums the patch gradients back with a sparse scatter
-matrix built once per geometry: :func:`col2im`.
+:func:`patch_index`. Its adjoint (col2im) sums the patch gradients back: for zero padding tap by
+tap, ``kh kw`` strided additions into the padded input, each adding one tap's ``(C, Ho, Wo)``
+slab (no index arrays, no copy of the patches); for circular padding (where taps may wrap onto
+the same pixel) with a sparse scatter matrix built once per geometry: :func:`col2im`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "patch_index",
     "im2col",
     "col2im",
+    "col2im_last",
     "conv2d_im2col",
     "conv2d_naive",
     "conv_matrix",
@@ -99,13 +102,58 @@ def im2col(x: np.ndarray, kernel, stride, padding, mode: str) -> np.ndarray:
     return x_ext[:, idx]  # (B, P, K)
 
 
-def col2im(g_cols: np.ndarray, x_shape, kernel, stride, padding, mode: str) -> np.ndarray:
-    """Adjoint of :func:`im2col`: sums patch gradients ``(B, P, K)`` into ``(B, C, H, W)``."""
+def col2im(g_cols: np.ndarray, x_shape, kernel, stride, padding, mode: str, layout: str = "pk") -> np.ndarray:
+    """Adjoint of :func:`im2col`: sums patch gradients into ``(B, C, H, W)``.
+
+    ``g_cols`` is ``(B, P, K)`` (``layout="pk"``, the shape :func:`im2col` returns) or
+    ``(B, K, P)`` (``layout="kp"``, what ``W_f^T @ g_h`` gives without a transpose). With zero
+    padding the sum runs tap by tap, ``g_x~[:, :, i s_h + u, j s_w + v] += g[:, (., u, v), (i, j)]``
+    over ``u < kh``, ``v < kw`` in that order, then the padding is cut off; with circular padding
+    through the sparse scatter matrix (the adjoint of the gather, CSC order)."""
     B, C, H, W = x_shape
-    S = _scatter_matrix(C, H, W, tuple(kernel), tuple(stride), tuple(padding), mode)
-    g = g_cols.reshape(B, g_cols.shape[1] * g_cols.shape[2])  # (B, P*K)
-    gx = (S.T @ g.T).T  # (B, C*H*W)
-    return np.ascontiguousarray(gx, dtype=g_cols.dtype).reshape(B, C, H, W)
+    kernel, stride, padding = tuple(kernel), tuple(stride), tuple(padding)
+    kh, kw = kernel
+    if layout not in ("pk", "kp"):
+        raise ValueError(f"layout must be 'pk' or 'kp', got {layout!r}")
+    if mode == "circular":
+        if layout == "kp":
+            g_cols = g_cols.transpose(0, 2, 1)
+        S = _scatter_matrix(C, H, W, kernel, stride, padding, mode)
+        g = np.ascontiguousarray(g_cols).reshape(B, -1)  # (B, P*K)
+        gx = (S.T @ g.T).T  # (B, C*H*W)
+        return np.ascontiguousarray(gx, dtype=g_cols.dtype).reshape(B, C, H, W)
+    Ho, Wo = conv_output_size(H, W, kernel, stride, padding)
+    (sh, sw), (ph, pw) = stride, padding
+    if layout == "kp":
+        taps = g_cols.reshape(B, C, kh, kw, Ho, Wo)
+    else:
+        taps = g_cols.reshape(B, Ho, Wo, C, kh, kw).transpose(0, 3, 4, 5, 1, 2)  # (B, C, kh, kw, Ho, Wo)
+    g = np.zeros((B, C, H + 2 * ph, W + 2 * pw), dtype=g_cols.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            g[:, :, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw] += taps[:, :, u, v]
+    if ph or pw:
+        g = np.ascontiguousarray(g[:, :, ph : ph + H, pw : pw + W])
+    return g
+
+
+def col2im_last(cols: np.ndarray, in_shape, kernel, stride, padding) -> np.ndarray:
+    """:func:`col2im` (zero padding) for a stack of ``V`` vectors kept as the LAST axis:
+    ``cols`` ``(K, P, V)`` (``W_f^T`` times the cotangents laid out ``(c_out, P, V)``, one GEMM for
+    the whole stack) summed into ``(C, H, W, V)``. The tap-by-tap additions then run over
+    contiguous rows of ``Wo V`` numbers, which is what makes the stacked input gradient of a
+    convolution (:meth:`refnet.layers.Conv2d.vjp_many`) cheap."""
+    C, H, W = in_shape
+    kh, kw = kernel
+    (sh, sw), (ph, pw) = stride, padding
+    Ho, Wo = conv_output_size(H, W, kernel, stride, padding)
+    V = cols.shape[-1]
+    taps = cols.reshape(C, kh, kw, Ho, Wo, V)
+    g = np.zeros((C, H + 2 * ph, W + 2 * pw, V), dtype=cols.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            g[:, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw, :] += taps[:, u, v]
+    return g[:, ph : ph + H, pw : pw + W, :]
 
 
 def conv2d_im2col(x, W, b, stride, padding, mode) -> np.ndarray:

@@ -220,3 +220,41 @@ def test_check_range_is_public_and_the_old_names_still_work():
     with pytest.raises(ValueError, match=r"0 <= start < end <= 2 .*start=1, end=1"):
         jac.check_range(net, 1, 1)
     assert jac._check_range is jac.check_range and jac._check_net is rn.network.check_net
+
+
+@pytest.mark.parametrize("width", [100, 8])  # >= / < CHAIN_PER_EXAMPLE_ROWS stacked rows per example
+@pytest.mark.parametrize("chunk", [1, 700, 10**9])
+def test_dense_chain_chunks_of_examples_equal_the_layer_products(monkeypatch, chunk, width):
+    """The Dense chain runs a few examples at a time through all layers; any chunk size (one
+    example, a ragged last chunk, the whole batch) gives the products of the general path."""
+    net = rn.mlp([12, width, width, width, 5], activation="tanh", seed=1, init="orthogonal")
+    x = np.random.default_rng(2).standard_normal((7, 12))
+    trace = net.forward(x, return_trace=True)[1]
+    want_r = jac.pullback(net, trace, np.broadcast_to(np.eye(5), (7, 5, 5)), 0, 4)
+    want_f = jac.pushforward(net, trace, np.broadcast_to(np.eye(12), (7, 12, 12)), 0, 4).transpose(0, 2, 1)
+    monkeypatch.setattr(jac, "CHAIN_CHUNK_ELEMENTS", chunk)
+    for mode, want in (("reverse", want_r), ("forward", want_f)):
+        got = jac.jacobian(net, x, mode=mode)
+        assert got.shape == (7, 5, 12)
+        assert _rel(got, want) <= 1e-13
+    # a square chain (m = width stacked rows per example)
+    got = jac.jacobian(net, x, 1, 3)
+    P = _chain(jac.layer_jacobians(net, x), 1, 3)
+    assert _rel(got, P) <= 1e-13
+
+
+@pytest.mark.parametrize("chunk, batches", [(1, [1] * 5), (300, [2, 2, 1]), (720, [5])])
+def test_cnn_jacobian_chunks_of_examples(monkeypatch, chunk, batches):
+    """Without a trace, a CNN's Jacobian takes a forward pass and the products per chunk of examples:
+    the same matrices as one pass over the whole batch with its trace."""
+    net = rn.Network([rn.Conv2d(1, 3, 3, padding=1, activation="tanh"), rn.MaxPool2d(2), rn.Flatten(),
+                      rn.Dense(12, 4, activation="relu"), rn.Dense(4, 3)], in_shape=(1, 4, 4), seed=0, sigma_b=0.3)
+    x = np.random.default_rng(4).standard_normal((5, 1, 4, 4))
+    whole = jac.jacobian(net, x, trace=net.forward(x, return_trace=True)[1])
+    monkeypatch.setattr(jac, "STACK_CHUNK_ELEMENTS", chunk)
+    calls = []
+    real = net.forward
+    monkeypatch.setattr(net, "forward", lambda z, return_trace=False: calls.append(len(z)) or real(z, return_trace))
+    got = jac.jacobian(net, x)
+    assert _rel(got, whole) <= 1e-14
+    assert calls == batches  # 3 stacked rows x 48 (the widest node) = 144 elements per example

@@ -473,3 +473,25 @@ def test_sizes_too_large_to_allocate_are_refused_up_front():
     # planted bug seen failing: MemoryError from NumPy deep inside the initializer
     with pytest.raises(ValueError, match=r"layers\[0\] Dense\(784, 1000000000\).*would need [\d.]+ TiB"):
         rn.mlp([784, 10**9, 10])
+
+
+@pytest.mark.parametrize("geom", [((3, 2), (2, 1), (1, 2)), ((5, 5), (1, 1), (0, 0)), ((2, 3), (3, 2), (2, 0))])
+def test_col2im_taps_equal_the_scatter_matrix(geom):
+    """The tap-by-tap col2im of zero padding (both layouts, and the stack-last form) equals the
+    sparse scatter matrix's adjoint, S^T g, the gather's own transpose."""
+    kernel, stride, padding = geom
+    rng = np.random.default_rng(1)
+    B, C, H, W = 3, 2, 7, 6
+    S = conv._scatter_matrix(C, H, W, kernel, stride, padding, "zeros")
+    P = conv.patch_index(C, H, W, kernel, stride, padding, "zeros").shape[0]
+    K = C * kernel[0] * kernel[1]
+    g = rng.standard_normal((B, P, K))
+    want = (S.T @ g.reshape(B, -1).T).T.reshape(B, C, H, W)
+    np.testing.assert_allclose(conv.col2im(g, (B, C, H, W), kernel, stride, padding, "zeros"), want, rtol=0, atol=1e-14)
+    kp = np.ascontiguousarray(g.transpose(0, 2, 1))
+    np.testing.assert_allclose(conv.col2im(kp, (B, C, H, W), kernel, stride, padding, "zeros", layout="kp"), want, rtol=0, atol=1e-14)
+    last = np.ascontiguousarray(g.transpose(2, 1, 0))  # (K, P, B)
+    got = conv.col2im_last(last, (C, H, W), kernel, stride, padding)  # (C, H, W, B)
+    np.testing.assert_allclose(np.moveaxis(got, -1, 0), want, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="layout"):
+        conv.col2im(g, (B, C, H, W), kernel, stride, padding, "zeros", layout="pkk")

@@ -35,7 +35,7 @@ class Conv2d(Affine):
     Formulas (``cols`` = im2col(x), ``(B, P, K)``; ``W_f`` = W reshaped ``(c_out, K)``)
         forward  ``h = cols W_f^T + b``, ``y = phi(h)``
         VJP      ``dL/dW_f = sum_{b,p} (D g)^T cols``, ``dL/db = sum (D g)``,
-                 ``g_x = col2im((D g) W_f)``
+                 ``g_x = col2im(W_f^T (D g))``
         JVP      ``y_dot = D (conv(v, W) + conv(x, dW) + db)``
         Jacobian ``J = D M`` with ``M`` the explicit operator matrix (:func:`refnet.conv.conv_matrix`)
         mask     ``dL/dc = (sum_{b,p} (D g)^T cols) * W`` reshaped, ``dL/dc_b = sum (D g) * b``
@@ -117,8 +117,7 @@ class Conv2d(Affine):
         if not input_grad:
             return None, grads
         Wf = effective_param(params, mask, "W").reshape(self.c_out, -1)  # (c_out, K)
-        g_cols = gh.transpose(0, 2, 1) @ Wf  # (B, P, K)
-        g_x = _conv.col2im(g_cols, x.shape, *self._geom())
+        g_x = _conv.col2im(Wf.T @ gh, x.shape, *self._geom(), layout="kp")  # W_f^T (D g): (B, K, P)
         return g_x, grads
 
     def jvp(self, params, cache, v, mask=None, dparams=None):
@@ -135,24 +134,39 @@ class Conv2d(Affine):
 
     def vjp_many(self, params, cache, G, mask=None, in_shape=None, out_shape=None):
         """``G J`` for ``G`` ``(B, m, N_out)``: the input half of :meth:`vjp` for all ``m`` cotangents
-        at once, ``g_x = col2im((G * D)^T W_f)`` with ``G * D`` as ``(B m, c_out, P)``, in chunks of
-        vectors whose patch gradients ``(B chunk, P, K)`` hold at most
-        :data:`STACK_CHUNK_ELEMENTS` elements (one vector at least); the weight gradient is not
-        formed. Each example's ``(P, c_out) @ (c_out, K)`` product and its ``col2im`` are those
-        :meth:`vjp` computes for one vector, so the result equals the loop of
-        :meth:`Layer.vjp_many` to the bit (tested). The forward side keeps that loop
-        (:meth:`Layer.jvp_many`): a batched im2col changes the memory layout of the patches, and
-        with it, in some shapes (seen with ``c_out = 1``), the rounding of NumPy's product."""
+        at once, ``g_x = col2im(W_f^T (G * D))`` (no product with ``D`` for the identity
+        activation, whose ``D`` is 1); the weight gradient is not formed.
+
+        With zero padding the ``B m`` cotangents are laid out with the stack LAST, ``(c_out, P,
+        B m)``, so that ``W_f^T`` multiplies all of them in one GEMM and the col2im additions run
+        over long contiguous rows (:func:`refnet.conv.col2im_last`); a chunk of vectors holds at
+        most :data:`STACK_CHUNK_ELEMENTS` patch gradients ``K P`` (one example's ``m`` vectors at
+        least). The sums are those of :meth:`vjp`, over the same terms and taps in the same order
+        (the tests find the loop of :meth:`Layer.vjp_many` to the bit; a BLAS may in principle
+        order a dot product's ``c_out`` terms differently per call). Circular padding keeps
+        :meth:`vjp`'s own product per chunk (:func:`refnet.conv.col2im` through the scatter
+        matrix)."""
         in_shape, out_shape = self._stack_shapes(cache, in_shape, out_shape)
         B, m, _ = G.shape
         Wf = effective_param(params, mask, "W").reshape(self.c_out, -1)  # (c_out, K)
-        D = cache["D"][:, None]  # (B, 1, c_out, Ho, Wo)
+        D = None if self.activation.is_linear else flat_rows(cache["D"])[:, None, :]  # (B, 1, N_out)
+        P = out_shape[1] * out_shape[2]
         out = np.empty((B, m, prod(in_shape)), dtype=G.dtype)
-        for j0, j1 in self._chunks(B, m, out_shape[1] * out_shape[2] * Wf.shape[1]):
-            c = j1 - j0
-            gh = (G[:, j0:j1].reshape(B, c, *out_shape) * D).reshape(B * c, self.c_out, -1)  # (B c, c_out, P)
-            g_cols = gh.transpose(0, 2, 1) @ Wf  # (B c, P, K)
-            out[:, j0:j1] = _conv.col2im(g_cols, (B * c, *in_shape), *self._geom()).reshape(B, c, -1)
+        per_example = m * P * Wf.shape[1]
+        step = max(1, STACK_CHUNK_ELEMENTS // max(1, per_example))
+        for b0 in range(0, B, step):
+            b1 = min(B, b0 + step)
+            gh = G[b0:b1] if D is None else G[b0:b1] * D[b0:b1]  # (b, m, c_out P): D g
+            V = (b1 - b0) * m
+            if self.padding_mode == "circular":
+                cols = Wf.T @ gh.reshape(V, self.c_out, P)  # (V, K, P)
+                g_x = _conv.col2im(cols, (V, *in_shape), *self._geom(), layout="kp")
+                out[b0:b1] = g_x.reshape(b1 - b0, m, -1)
+                continue
+            ghT = np.ascontiguousarray(gh.reshape(V, self.c_out * P).T)  # (c_out P, V): the stack last
+            cols = Wf.T @ ghT.reshape(self.c_out, P * V)  # (K, P V)
+            g_x = _conv.col2im_last(cols.reshape(-1, P, V), in_shape, self.kernel_size, self.stride, self.padding)
+            out[b0:b1] = g_x.reshape(-1, V).T.reshape(b1 - b0, m, -1)
         return out
 
     @staticmethod
@@ -230,11 +244,11 @@ class Conv2d(Affine):
         if not input_grad:
             return None, None, grads, hv
         Wf = effective_param(params, mask, "W").reshape(self.c_out, -1)  # (c_out, K)
-        g_x = _conv.col2im(gh.transpose(0, 2, 1) @ Wf, x.shape, *self._geom())
-        g_cols_dot = gh_dot.transpose(0, 2, 1) @ Wf  # (B, P, K)
+        g_x = _conv.col2im(Wf.T @ gh, x.shape, *self._geom(), layout="kp")
+        g_cols_dot = Wf.T @ gh_dot  # (B, K, P)
         if dparams is not None and "W" in dparams:
-            g_cols_dot = g_cols_dot + gh.transpose(0, 2, 1) @ effective_param(dparams, mask, "W").reshape(self.c_out, -1)
-        return g_x, _conv.col2im(g_cols_dot, x.shape, *self._geom()), grads, hv
+            g_cols_dot = g_cols_dot + effective_param(dparams, mask, "W").reshape(self.c_out, -1).T @ gh
+        return g_x, _conv.col2im(g_cols_dot, x.shape, *self._geom(), layout="kp"), grads, hv
 
     def hessian_diag_backward(self, params, cache, Q, coef, g=None, mask=None, input_rows=True):
         """Rows ``M = Q * D`` of ``d^2L/dh^2`` (plus the diagonal residual ``phi''(h) g``). The

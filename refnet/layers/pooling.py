@@ -118,6 +118,34 @@ class MaxPool2d(_Pool2d):
         win = win.reshape(B, C, Ho, Wo, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(B, C, Ho * k, Wo * k)
         return self._unblock(cache["x"], win), {}
 
+    def _source(self, cache) -> np.ndarray:
+        """``(B, 1, C Ho Wo)``: the flat (NCHW) input index each output reads, ``c H W + (i k + u) W
+        + (j k + v)`` for the arg-max ``(u, v)`` of window ``(i, j)`` of channel ``c``."""
+        arg, (B, C, H, W) = cache["arg"], cache["x"].shape
+        k = self.kernel_size
+        Ho, Wo = arg.shape[2:]
+        row = np.arange(Ho)[:, None] * k + arg // k  # (B, C, Ho, Wo)
+        col = np.arange(Wo)[None, :] * k + arg % k
+        src = np.arange(C)[:, None, None] * (H * W) + row * W + col
+        return src.reshape(B, 1, -1)
+
+    def vjp_many(self, params, cache, G, mask=None, in_shape=None, out_shape=None):
+        """``G J`` for a stack ``G`` ``(B, m, N_out)``: every cotangent placed at its window's
+        arg-max (one scatter per example over the flat input, the same index for all ``m`` rows;
+        windows do not overlap, so no two outputs share a target), zero elsewhere. The values are those of :meth:`vjp`'s, moved, not summed."""
+        B, m, _ = G.shape
+        src = self._source(cache)[:, 0]  # (B, N_out)
+        out = np.zeros((B, m, cache["x"][0].size), dtype=G.dtype)
+        for b in range(B):  # one example at a time: no index array of the stack's size
+            out[b][:, src[b]] = G[b]
+        return out
+
+    def jvp_many(self, params, cache, V, mask=None, in_shape=None, out_shape=None):
+        """``(J V^T)^T`` for a stack ``V`` ``(B, m, N_in)``: every tangent read at the arg-max of each
+        window, one gather for all ``m`` rows."""
+        src = self._source(cache)
+        return np.take_along_axis(V, np.broadcast_to(src, (V.shape[0], V.shape[1], src.shape[2])), axis=2)
+
 
 @dataclass(frozen=True)
 class GlobalAvgPool2d(Layer):
