@@ -64,6 +64,13 @@ def resolve_dtype(dtype, name: str = "dtype") -> np.dtype:
     return dt
 
 
+def check_bool(value, name: str) -> bool:
+    """A bool (Python or NumPy), as a Python bool; TypeError naming ``name`` otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_int(value, name: str, *, min_value: int | None = None) -> int:
     """An integer (not bool) >= ``min_value``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):

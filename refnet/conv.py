@@ -32,6 +32,7 @@ __all__ = [
     "conv2d_im2col",
     "conv2d_naive",
     "conv_matrix",
+    "circular_conv_singular_values",
 ]
 
 
@@ -213,3 +214,31 @@ def conv_matrix(W, in_shape, stride, padding, mode) -> np.ndarray:
     p = np.arange(P)[None, :, None]
     np.add.at(M, (o, p, idx[None, :, :]), Wf[:, None, :])
     return M[:, :, :n_in].reshape(c_out * P, n_in)
+
+
+def circular_conv_singular_values(W, in_shape) -> np.ndarray:
+    r"""All singular values (descending) of the circular convolution operator ``M`` of ``W``
+    ``(c_out, C, kh, kw)`` on inputs ``in_shape = (C, H, W)`` with stride 1 and an output of the
+    input's size (circular padding ``2 p = k - 1``), from its Fourier symbol [Sedghi et al.,
+    "The singular values of convolutional layers", ICLR 2019]: the 2-D DFT block-diagonalizes
+    ``M`` into the ``H W`` matrices
+
+    .. math:: \hat W(f) = \sum_{u,v} W[:, :, u, v]\, e^{-2\pi i (f_1 u / H + f_2 v / W)}
+              \quad (c_{out} \times C),
+
+    up to a unit phase per frequency (the padding's shift) and complex conjugation, neither of
+    which changes a singular value, and the DFT is unitary. So the ``H W min(c_out, C)``
+    singular values of ``M`` (``min(N_out, N_in)``) are those of the ``H W`` small matrices, at
+    ``O(H W c_out C min(c_out, C))`` cost instead of the dense ``(c_out H W) x (C H W)`` SVD.
+    Taps of a kernel larger than the input wrap onto the same pixel and add up (as
+    :func:`conv_matrix`)."""
+    W = np.asarray(W)
+    c_out, C, kh, kw = W.shape
+    _, H, Wd = in_shape
+    K = np.zeros((c_out, C, H, Wd), dtype=W.dtype)
+    u = (np.arange(kh) % H)[:, None]
+    v = (np.arange(kw) % Wd)[None, :]
+    np.add.at(K, (slice(None), slice(None), u, v), W)  # the kernel on the input's torus
+    sym = np.fft.fft2(K, axes=(2, 3)).transpose(2, 3, 0, 1).reshape(H * Wd, c_out, C)  # (HW, c_out, C)
+    s = np.linalg.svd(sym, compute_uv=False).ravel()
+    return np.sort(s)[::-1]

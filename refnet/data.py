@@ -65,7 +65,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ._checks import as_rng, check_choice, check_float, check_int, resolve_dtype
+from ._checks import as_rng, check_bool, check_choice, check_float, check_int, resolve_dtype
 from ._io import atomic_write
 from .cifar import cifar_paths, raw_cifar, read_cifar_batch, write_cifar_batch  # noqa: F401 (re-exported)
 
@@ -827,8 +827,7 @@ def load(
     dt = resolve_dtype(dtype)
     flatten = True if flatten is None else flatten
     for arg, value in (("flatten", flatten), ("preprocess", preprocess), ("cache", cache)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"{arg} must be a bool, got {type(value).__name__} {value!r}")
+        check_bool(value, arg)
     meta = DATASETS[name]
     if name not in FILE_DATASETS:
         check_data_dir(name, data_dir)  # a data_dir given for a bundled dataset is an error, not ignored

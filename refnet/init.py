@@ -64,7 +64,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._checks import as_rng, check_choice, check_float, check_memory, resolve_dtype
+from ._checks import as_rng, check_bool, check_choice, check_float, check_memory, resolve_dtype
 
 __all__ = [
     "TRUNCATED_STD",
@@ -123,10 +123,7 @@ def _check_shape(shape, name: str = "shape", *, min_ndim: int = 2, draw: bool = 
     return tuple(out)
 
 
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
+
 
 
 def compute_fans(shape) -> tuple[int, int]:
@@ -180,7 +177,7 @@ def _variance_scaling(rng, shape, dtype, truncated, kind: str) -> np.ndarray:
     rng = as_rng(rng, "rng")
     shape = _check_shape(shape)
     dt = resolve_dtype(dtype)
-    truncated = _check_bool(truncated, "truncated")
+    truncated = check_bool(truncated, "truncated")
     fan_in, fan_out = compute_fans(shape)
     var = {"lecun": 1.0 / fan_in, "glorot": 2.0 / (fan_in + fan_out), "he": 2.0 / fan_in}[kind]
     return _normal(rng, shape, var, dt, truncated)
@@ -431,7 +428,7 @@ def _check_arg(key: str, value):
         return check_float(value, "gamma", min_value=0.0, min_inclusive=False)
     if key == "sigma_b":
         return check_float(value, "sigma_b", min_value=0.0)
-    return _check_bool(value, "truncated")
+    return check_bool(value, "truncated")
 
 
 def _canonical_kwargs(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from math import prod
 import numpy as np
 
 from . import kernels
-from ._checks import check_array, check_choice, check_int
+from ._checks import check_array, check_bool, check_choice, check_int
 from .layers import Dense, Flatten
 from .network import Network, check_net
 
@@ -57,10 +57,6 @@ class LayerCollapseWarning(UserWarning):
     """A mask prunes every weight of a layer, or leaves no path from the input to the output."""
 
 
-def check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
 
 
 def resolve_density(sparsity, density, *, allow_empty: bool = False) -> float:

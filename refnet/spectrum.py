@@ -39,8 +39,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from ._checks import check_float, check_int
-from .jacobians import check_range, jacobian
+from ._checks import check_bool, check_float, check_int
+from .jacobians import check_per_example, check_range, jacobian
 from .network import Network, check_net
 from ._compat import moved_names
 from .progress import Progress, progress_target
@@ -84,12 +84,59 @@ def _svdvals(J: np.ndarray, zero_rtol, what: str) -> np.ndarray:
         raise FloatingPointError(
             f"{what} has {bad} non-finite entries (the forward pass overflowed); its singular values are undefined"
         )
-    rtol = _zero_rtol(zero_rtol, J.shape[1:], J.dtype)
     if 0 in J.shape:
         return np.zeros((J.shape[0], min(J.shape[1:])), dtype=np.float64)
     s = kernels.batched_svdvals(J).astype(np.float64, copy=False)  # (B, r), descending (LAPACK gesdd; a thread per core)
+    return _zero_small(s, _zero_rtol(zero_rtol, J.shape[1:], J.dtype))
+
+
+def _zero_small(s: np.ndarray, rtol: float) -> np.ndarray:
+    """``s`` (B, r), rows descending, with values ``<= rtol * sigma_max`` of their row set to 0."""
     s[s <= rtol * s[:, :1]] = 0.0  # numerically zero (also: the whole row when sigma_max == 0)
     return s
+
+
+def _layer_svdvals(net, l: int, xb: np.ndarray, trace, fixed: dict, zero_rtol, max_elements) -> np.ndarray:
+    """Singular values ``(b, r_l)`` of ``J^{l,l+1}`` for the examples ``xb`` (``trace`` is theirs).
+
+    In order of preference: the layer's closed form (:meth:`refnet.layers.Layer.jacobian_svdvals`:
+    pooling, Flatten, a circular convolution's Fourier symbol); for an affine map (a Jacobian
+    that does not depend on the input) one example's Jacobian, decomposed once per call and
+    shared by every example (kept in ``fixed``); otherwise every example's dense Jacobian, in
+    sub-batches of at most ``max_elements`` elements (a forward pass per sub-batch when the
+    batch's Jacobians do not fit at once)."""
+    from math import prod
+
+    from .jacobians import DEFAULT_MAX_ELEMENTS
+    from .network import n_inputs
+
+    layer, params, mask = net.layers[l], net.params[l], net.masks[l]
+    n_in = prod(net.in_shapes[l][0]) if n_inputs(layer) > 1 else prod(net.in_shapes[l])
+    n_out = prod(net.shapes[l + 1])
+    what = f"J^({l},{l + 1})"
+    rtol = _zero_rtol(zero_rtol, (n_out, n_in), xb.dtype)
+    s = layer.jacobian_svdvals(params, trace.caches[l], mask)
+    if s is not None:
+        return _zero_small(s.astype(np.float64, copy=True), rtol)
+    limit = DEFAULT_MAX_ELEMENTS if max_elements is None else check_int(max_elements, "max_elements", min_value=1)
+    if n_out * n_in > limit:
+        raise ValueError(
+            f"the layer Jacobian {what} of one example has {n_out * n_in:,} elements, above max_elements={limit:,}; "
+            "raise max_elements or leave layerwise off"
+        )
+    if layer.is_affine_map:
+        if l not in fixed:
+            one = net.forward(xb[:1], return_trace=True)[1]
+            fixed[l] = _svdvals(layer.jacobian(params, one.caches[l], mask), zero_rtol, what)[0]
+        return np.broadcast_to(fixed[l], (xb.shape[0], fixed[l].size)).copy()
+    step = max(1, limit // (n_out * n_in))
+    if step >= xb.shape[0]:
+        return _svdvals(layer.jacobian(params, trace.caches[l], mask), zero_rtol, what)
+    parts = []
+    for b0 in range(0, xb.shape[0], step):
+        sub = net.forward(xb[b0 : b0 + step], return_trace=True)[1]
+        parts.append(_svdvals(layer.jacobian(params, sub.caches[l], mask), zero_rtol, what))
+    return np.concatenate(parts, axis=0)
 
 
 def _batch_starts(n: int, batch_size) -> tuple[range, int]:
@@ -98,11 +145,21 @@ def _batch_starts(n: int, batch_size) -> tuple[range, int]:
 
 
 def collect_singular_values(net, x, start: int = 0, end: int | None = None, batch_size: int = 100, *,
-                            layerwise: bool = True, zero_rtol=None, max_elements=None, progress=None):
+                            layerwise: bool = False, zero_rtol=None, max_elements=None, progress=None):
     """Singular values of ``J^{start,end}`` and (optionally) of every layer Jacobian, in one pass.
 
-    One forward pass per batch serves both: its trace is reused by :func:`refnet.jacobians.jacobian`
-    and :func:`refnet.jacobians.layer_jacobians`.
+    With ``layerwise`` one forward pass per batch serves both (its trace is reused by
+    :func:`refnet.jacobians.jacobian` and for the layers); without, :func:`refnet.jacobians.jacobian`
+    runs its own forward passes (in cache-sized chunks of examples for CNNs).
+
+    Layer Jacobians (``layerwise``) cost far more than the input-output one: an MLP's ``K``
+    layers are ``K`` decompositions per example beside one (25 times the input-output time for
+    the papers' 784-100x6-10 MLP), a convolution's ``D M`` is ``(c_out H' W') x (C H W)``. So they
+    are opt-in, and each layer takes the cheapest exact route (:func:`_layer_svdvals`): a closed
+    form for pooling and Flatten (``J J^T`` a multiple of the identity) and for a linear circular
+    convolution (its Fourier symbol), one decomposition for a layer whose Jacobian does not
+    depend on the input (a linear convolution, as LeNet-5's), and the per-example dense
+    Jacobian only where ``D`` varies (tanh or ReLU layers), in sub-batches within ``max_elements``.
 
     Parameters
     ----------
@@ -113,11 +170,13 @@ def collect_singular_values(net, x, start: int = 0, end: int | None = None, batc
     batch_size : int >= 1
         Examples per batch; only one batch of Jacobians is held in memory.
     layerwise : bool
-        Also return the singular values of ``J^{l-1,l}`` for the layers ``l = start+1 .. end``.
+        Also return the singular values of ``J^{l-1,l}`` for the layers ``l = start+1 .. end``
+        (default False: see above).
     zero_rtol : float >= 0, optional
         Relative threshold below which a singular value is reported as 0 (module doc).
     max_elements : int, optional
-        Budget per Jacobian array, as in :func:`refnet.jacobians.jacobian`.
+        Budget per Jacobian array, as in :func:`refnet.jacobians.jacobian`; layer Jacobians go in
+        sub-batches within it, and one example's above it is refused.
     progress : None, bool or text stream
         A bar over the batches (:mod:`refnet.progress`: None shows one when stderr is a terminal).
 
@@ -128,27 +187,25 @@ def collect_singular_values(net, x, start: int = 0, end: int | None = None, batc
         Entry ``i`` holds the singular values of layer ``l = start + i + 1``,
         shape (n_examples, min(N_l, N_{l-1})).
     """
-    from .jacobians import layer_jacobians
-
     check_net(net)
     start, end = check_range(net, start, end)
     x = _check_x(net, x)
     starts, bs = _batch_starts(x.shape[0], batch_size)
+    layerwise = check_bool(layerwise, "layerwise")
     progress_target(progress)  # checked before any work
-    sv, layer_sv = [], [[] for _ in range(start, end)] if layerwise else None
+    if layerwise:
+        check_per_example(net, 0, net.n_layers, "layerwise singular values")
+    sv, layer_sv, fixed = [], [[] for _ in range(start, end)] if layerwise else None, {}
     with Progress(progress, len(starts), desc="Jacobian batch", unit="batches") as bar:
         for i in starts:
             xb = x[i : i + bs]  # (b, *in_shape)
-            _, trace = net.forward(xb, return_trace=True)
+            trace = net.forward(xb, return_trace=True)[1] if layerwise else None
             J = jacobian(net, xb, start, end, trace=trace, max_elements=max_elements)  # (b, N_end, N_start)
             sv.append(_svdvals(J, zero_rtol, f"J^({start},{end})"))
             del J
             if layerwise:
-                # layer_jacobians forms every layer; only start..end-1 are used
-                Js = layer_jacobians(net, xb, trace=trace, max_elements=max_elements)  # [(b, N_l, N_{l-1})]
                 for k, l in enumerate(range(start, end)):
-                    layer_sv[k].append(_svdvals(Js[l], zero_rtol, f"J^({l},{l + 1})"))
-                del Js
+                    layer_sv[k].append(_layer_svdvals(net, l, xb, trace, fixed, zero_rtol, max_elements))
             bar.update()
     sv = np.concatenate(sv, axis=0)
     if layerwise:
@@ -184,8 +241,9 @@ def singular_values(net, x, start: int = 0, end: int | None = None, batch_size: 
 def layer_singular_values(net, x, batch_size: int = 100, *, zero_rtol=None, max_elements=None, progress=None) -> list:
     """Singular values of every layer Jacobian ``J^{l-1,l}`` (``= D^l W^l``), per example.
 
-    Streamed over ``x`` in batches like :func:`singular_values` (layer Jacobians from
-    :func:`refnet.jacobians.layer_jacobians`, one batch at a time).
+    Streamed over ``x`` in batches like :func:`singular_values`, each layer by the cheapest
+    exact route (closed forms, one decomposition for an input-independent Jacobian, dense
+    per-example Jacobians otherwise: :func:`collect_singular_values`).
 
     Returns
     -------
@@ -193,19 +251,18 @@ def layer_singular_values(net, x, batch_size: int = 100, *, zero_rtol=None, max_
         Entry ``l-1`` has shape ``(n_examples, min(N_l, N_{l-1}))``, rows descending. Parameter-free
         layers are included (Flatten gives all ones).
     """
-    from .jacobians import layer_jacobians
-
     check_net(net)
     x = _check_x(net, x)
     starts, bs = _batch_starts(x.shape[0], batch_size)
     progress_target(progress)  # checked before any work
-    out = [[] for _ in net.layers]
+    check_per_example(net, 0, net.n_layers, "layer_singular_values")
+    out, fixed = [[] for _ in net.layers], {}
     with Progress(progress, len(starts), desc="Jacobian batch", unit="batches") as bar:
         for i in starts:
-            Js = layer_jacobians(net, x[i : i + bs], max_elements=max_elements)  # [(b, N_l, N_{l-1})]
-            for l, J in enumerate(Js):
-                out[l].append(_svdvals(J, zero_rtol, f"J^({l},{l + 1})"))
-            del Js
+            xb = x[i : i + bs]
+            trace = net.forward(xb, return_trace=True)[1]
+            for l in range(net.n_layers):
+                out[l].append(_layer_svdvals(net, l, xb, trace, fixed, zero_rtol, max_elements))
             bar.update()
     return [np.concatenate(v, axis=0) for v in out]
 
@@ -278,7 +335,7 @@ def summarize(sv, layer_sv=None, *, epsilon: float = 0.1, layers=None, layer_nam
 
 
 def jsv_stats(net, x, *, start: int = 0, end: int | None = None, batch_size: int = 100, epsilon: float = 0.1,
-              layerwise: bool = True, zero_rtol=None, max_elements=None, progress=None) -> dict:
+              layerwise: bool = False, zero_rtol=None, max_elements=None, progress=None) -> dict:
     """Jacobian singular value statistics of ``J^{start,end}`` over the examples ``x``.
 
     Parameters
@@ -292,7 +349,8 @@ def jsv_stats(net, x, *, start: int = 0, end: int | None = None, batch_size: int
     epsilon : float >= 0
         Layerwise dynamical isometry tolerance ``|1 - sigma| <= epsilon`` (PAPER.md section 3).
     layerwise : bool
-        Add the layerwise keys for the layers ``l = start+1 .. end``.
+        Add the layerwise keys for the layers ``l = start+1 .. end`` (default False: the layer
+        Jacobians cost many times the input-output statistics; see :func:`collect_singular_values`).
     zero_rtol : float >= 0, optional
         See :func:`singular_values`.
     progress : None, bool or text stream

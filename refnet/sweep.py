@@ -284,7 +284,7 @@ def _measure(stage: str, net, x, row: dict, spectra: dict, stats: dict) -> None:
     ``spectra`` and the full :func:`refnet.spectrum.summarize` dict in ``stats``."""
     from .spectrum import collect_singular_values, summarize
 
-    sv, layer_sv = collect_singular_values(net, x)  # (n, r), [(n, r_l)]
+    sv, layer_sv = collect_singular_values(net, x, layerwise=True)  # (n, r), [(n, r_l)]
     s = summarize(sv, layer_sv)
     for k in JSV_STATS:
         row[f"jsv_{stage}_{k}"] = s[k]

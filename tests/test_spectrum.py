@@ -95,7 +95,7 @@ def _small_tanh_mlp(seed=3):
 def test_jsv_stats_equals_direct_computation():
     # planted bug seen failing: pooling only the largest singular value of each example (sv[:, :1])
     net, x = _small_tanh_mlp()
-    st = jsv_stats(net, x, batch_size=5, epsilon=0.1)
+    st = jsv_stats(net, x, batch_size=5, epsilon=0.1, layerwise=True)
     ref, s, ls = _direct_stats(net, x, 0.1)
     for k in ("mean", "std", "min", "max", "cn", "cn_mean", "cn_median"):
         assert st[k] == pytest.approx(ref[k], rel=1e-12, abs=0), k
@@ -118,7 +118,7 @@ def test_jsv_stats_equals_direct_computation():
 
 def test_jsv_stats_plain_python_and_json():
     net, x = _small_tanh_mlp()
-    st = jsv_stats(net, x)
+    st = jsv_stats(net, x, layerwise=True)
     json.dumps(st)  # JSON-able
     for k, v in st.items():
         assert type(v) in (float, int, list), (k, type(v))
@@ -131,12 +131,15 @@ def test_jsv_stats_start_end_and_layerwise_off():
     Js = _layer_jacobians_by_hand(net, x)
     J = Js[2] @ Js[1]  # J^{1,3}
     s = np.linalg.svd(J, compute_uv=False)
-    st = jsv_stats(net, x, start=1, end=3, epsilon=0.2)
+    st = jsv_stats(net, x, start=1, end=3, epsilon=0.2, layerwise=True)
     assert st["mean"] == pytest.approx(s.mean(), rel=1e-12)
     assert st["layers"] == [2, 3] and (st["start"], st["end"]) == (1, 3)
     assert st["ldi"] == [np.mean(np.abs(1 - np.linalg.svd(Js[l], compute_uv=False)) <= 0.2) for l in (1, 2)]
     st = jsv_stats(net, x, layerwise=False)
     assert "ldi" not in st and "layer_mean" not in st
+    assert jsv_stats(net, x) == st  # off by default: the layer Jacobians cost many times the input-output ones
+    with pytest.raises(TypeError, match="layerwise"):
+        jsv_stats(net, x, layerwise="yes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,8 +151,8 @@ def test_jsv_stats_start_end_and_layerwise_off():
 def test_streaming_does_not_change_the_result(batch_size):
     # planted bug seen failing: the last (partial) batch dropped (range(0, n - bs + 1, bs))
     net, x = _small_tanh_mlp()
-    ref = jsv_stats(net, x, batch_size=23)
-    st = jsv_stats(net, x, batch_size=batch_size)
+    ref = jsv_stats(net, x, batch_size=23, layerwise=True)
+    st = jsv_stats(net, x, batch_size=batch_size, layerwise=True)
     assert st.keys() == ref.keys()
     for k, v in ref.items():
         if isinstance(v, float):
@@ -159,8 +162,8 @@ def test_streaming_does_not_change_the_result(batch_size):
             np.testing.assert_allclose(st[k], v, rtol=1e-13, atol=0)
         else:
             assert st[k] == v, k
-    sv, lsv = collect_singular_values(net, x, batch_size=batch_size)
-    sv0, lsv0 = collect_singular_values(net, x, batch_size=23)
+    sv, lsv = collect_singular_values(net, x, batch_size=batch_size, layerwise=True)
+    sv0, lsv0 = collect_singular_values(net, x, batch_size=23, layerwise=True)
     np.testing.assert_allclose(sv, sv0, rtol=1e-13, atol=0)
     assert [a.shape for a in lsv] == [a.shape for a in lsv0]
 
@@ -195,7 +198,7 @@ def test_deep_linear_orthogonal_is_an_isometry(sizes):
     # planted bug seen failing: the zero threshold inverted (s[s >= rtol * s_max] = 0)
     net = rn.mlp(sizes, activation="linear", init="orthogonal", seed=4)
     x = np.random.default_rng(0).standard_normal((4, sizes[0]))
-    st = jsv_stats(net, x, batch_size=3, epsilon=1e-9)
+    st = jsv_stats(net, x, batch_size=3, epsilon=1e-9, layerwise=True)
     for k in ("mean", "min", "max", "cn", "cn_mean", "cn_median"):
         assert abs(st[k] - 1.0) <= 1e-12, (k, st[k])
     assert st["std"] <= 1e-12
@@ -208,7 +211,7 @@ def test_deep_linear_orthogonal_is_an_isometry(sizes):
 def test_build_arch_linear_orthogonal_matches_mlp():
     net = build("mlp-7-linear", (784,), 10, init="orthogonal", seed=0)
     x = np.random.default_rng(1).standard_normal((2, 784))
-    st = jsv_stats(net, x, epsilon=1e-9)
+    st = jsv_stats(net, x, epsilon=1e-9, layerwise=True)
     assert abs(st["max"] - 1) <= 1e-12 and abs(st["min"] - 1) <= 1e-12 and st["ldi"] == [1.0] * 7
 
 
@@ -230,7 +233,7 @@ def test_zero_row_gives_infinite_condition_number_without_warnings():
     net, x = _net_with_zero_output_row()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        st = jsv_stats(net, x, batch_size=4)
+        st = jsv_stats(net, x, batch_size=4, layerwise=True)
         text = format_stats(st)
     assert st["min"] == 0.0
     assert st["cn"] == float("inf") and st["cn_mean"] == float("inf") and st["cn_median"] == float("inf")
@@ -251,7 +254,7 @@ def test_all_zero_jacobian_is_handled():
     x = np.ones((3, 5))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        st = jsv_stats(net, x)
+        st = jsv_stats(net, x, layerwise=True)
     assert st["max"] == 0.0 and st["min"] == 0.0 and st["cn"] == float("inf") and st["mean"] == 0.0
 
 
@@ -290,7 +293,7 @@ def test_sg_1e4_jsv_mean_has_the_scale_of_the_spp_table():
 def test_ldi_fraction_independent(epsilon):
     # planted bug seen failing: one-sided test (1 - sigma <= epsilon) instead of |1 - sigma|
     net, x = _small_tanh_mlp(seed=5)
-    st = jsv_stats(net, x, epsilon=epsilon, batch_size=8)
+    st = jsv_stats(net, x, epsilon=epsilon, batch_size=8, layerwise=True)
     expected = []
     for Jl in _layer_jacobians_by_hand(net, x):
         s = np.linalg.svd(Jl, compute_uv=False)
@@ -308,7 +311,7 @@ def test_ldi_fraction_independent(epsilon):
 
 def test_format_stats_table():
     net, x = _small_tanh_mlp()
-    st = jsv_stats(net, x)
+    st = jsv_stats(net, x, layerwise=True)
     text = format_stats(st, title="lecun")
     assert text.startswith("lecun: singular values of J^(0,4), 23 examples, 115 values pooled")
     assert f"{st['mean']:.3e}" in text and f"{st['cn']:.3e}" in text
@@ -371,7 +374,7 @@ def test_plots_without_matplotlib_name_the_extra(tmp_path, monkeypatch):
 # the spectrum command (through refnet.cli.main, as a user runs it)
 # --------------------------------------------------------------------------------------------
 
-TINY = ["spectrum", "--data", "digits", "--arch", "mlp-3-tanh-w16", "--n-examples", "20", "--batch-size", "7"]
+TINY = ["spectrum", "--data", "digits", "--arch", "mlp-3-tanh-w16", "--n-examples", "20", "--batch-size", "7", "--layerwise"]
 
 
 def _has_matplotlib():
@@ -396,7 +399,7 @@ def test_cli_writes_stats_and_plots(tmp_path, capsys):
         assert f"{label}: singular values of J^(0,3), 20 examples, 200 values pooled" in stdout
     # the CLI statistics are those of jsv_stats on the same network and examples
     X, _ = data.load("digits", split="test")
-    st = jsv_stats(build("mlp-3-tanh-w16", (64,), 10, init="sg", gamma=1e-4, seed=0), X[:20])
+    st = jsv_stats(build("mlp-3-tanh-w16", (64,), 10, init="sg", gamma=1e-4, seed=0), X[:20], layerwise=True)
     got = doc["results"]["sg(gamma=0.0001)"]
     for k in ("mean", "std", "min", "max", "cn", "cn_mean", "ldi", "layer_mean"):
         assert got[k] == pytest.approx(st[k], rel=1e-13), k
@@ -474,3 +477,83 @@ def test_jsonable_numpy_values_and_non_finite_floats():
     assert json.loads(json.dumps(got, allow_nan=False)) == got
     assert jsonable(np.dtype("float64")) == np.dtype("float64")  # left as it is without `other`
     assert json_float(None) is None and json_float(np.float64(2.0)) == 2.0
+
+
+def test_cli_default_has_no_layerwise_table(tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert main([a for a in TINY if a != "--layerwise"] + ["--out", str(out)]) == 0
+    assert "LDI" not in capsys.readouterr().out
+    doc = json.loads((out / "stats.json").read_text())
+    assert doc["layerwise"] is False and "ldi" not in doc["results"]["orthogonal"]
+    assert not (out / "layer_bands.png").exists()
+
+
+def _dense_layer_svdvals(net, x):
+    """Every layer Jacobian of every example, dense, decomposed: the oracle of the layer routes."""
+    from refnet.jacobians import layer_jacobians
+
+    return [np.linalg.svd(J, compute_uv=False) for J in layer_jacobians(net, x)]
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_cnn_layer_singular_values_by_their_routes_equal_the_dense_ones(padding_mode, monkeypatch):
+    """Closed forms (pooling, Flatten, a linear circular convolution's Fourier symbol), one
+    decomposition for an input-independent Jacobian (a linear zero-padded convolution), and the
+    dense per-example Jacobian in sub-batches (a tanh convolution, a ReLU Dense layer) give the
+    singular values of the dense layer Jacobians."""
+    import refnet as rn
+    from refnet import conv as C
+    from refnet import spectrum
+
+    rng = np.random.default_rng(0)
+    net = rn.Network([rn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode), rn.MaxPool2d(2),
+                      rn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode, activation="tanh"), rn.AvgPool2d(2),
+                      rn.Conv2d(4, 4, 1), rn.GlobalAvgPool2d(), rn.Dense(4, 6, activation="relu"), rn.Dense(6, 3)],
+                     in_shape=(2, 8, 8), seed=1, sigma_b=0.2)
+    x = rng.standard_normal((5, 2, 8, 8))
+    want = _dense_layer_svdvals(net, x)
+    calls = []
+    real = C.circular_conv_singular_values
+    monkeypatch.setattr(C, "circular_conv_singular_values", lambda *a: calls.append(1) or real(*a))
+    got = spectrum.layer_singular_values(net, x, batch_size=2, zero_rtol=0, max_elements=3 * 256 * 128)
+    assert len(got) == len(want) == net.n_layers
+    for l, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, l
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-13 * max(1.0, w.max()), err_msg=f"layer {l}")
+    assert len(calls) == (3 if padding_mode == "circular" else 0)  # conv layer 0 per batch of 2: batches 2, 2, 1
+    # collect_singular_values takes the same routes for a range of layers
+    sv, lsv = spectrum.collect_singular_values(net, x, 2, 7, batch_size=3, layerwise=True, zero_rtol=0)
+    for k, l in enumerate(range(2, 7)):
+        np.testing.assert_allclose(lsv[k], want[l], rtol=0, atol=1e-13 * max(1.0, want[l].max()))
+    with pytest.raises(ValueError, match="max_elements"):
+        spectrum.layer_singular_values(net, x, max_elements=100)
+
+
+def test_circular_conv_singular_values_equal_the_operator_matrix():
+    from refnet import conv as C
+
+    rng = np.random.default_rng(2)
+    for c_out, c_in, k, H, W in [(3, 2, 3, 5, 4), (2, 3, 5, 6, 6), (4, 4, 1, 3, 3), (2, 2, 7, 4, 5)]:  # the last wraps
+        Wt = rng.standard_normal((c_out, c_in, k, k))
+        p = (k - 1) // 2
+        M = C.conv_matrix(Wt, (c_in, H, W), (1, 1), (p, p), "circular")
+        s = np.linalg.svd(M, compute_uv=False)
+        f = C.circular_conv_singular_values(Wt, (c_in, H, W))
+        assert f.shape == s.shape
+        np.testing.assert_allclose(f, s, rtol=0, atol=1e-13 * s.max())
+
+
+def test_layer_jacobians_in_sub_batches_within_max_elements():
+    """A tanh convolution's per-example Jacobians go in sub-batches when the batch's do not fit
+    max_elements (a forward pass per sub-batch): the values and their order are those of one pass."""
+    import refnet as rn
+    from refnet import spectrum
+
+    net = rn.Network([rn.Conv2d(1, 2, 3, padding=1, activation="tanh"), rn.Flatten(), rn.Dense(32, 3)],
+                     in_shape=(1, 4, 4), seed=2, sigma_b=0.3)
+    x = np.random.default_rng(5).standard_normal((5, 1, 4, 4))
+    want = _dense_layer_svdvals(net, x)
+    per_example = 32 * 16
+    got = spectrum.layer_singular_values(net, x, batch_size=5, zero_rtol=0, max_elements=2 * per_example)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-13 * w.max())

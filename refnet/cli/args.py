@@ -190,6 +190,16 @@ def scheduler_address(text: str) -> str:
 # ============================================================================================
 
 
+def add_layerwise_argument(group) -> None:
+    """``--layerwise/--no-layerwise`` (default off): the singular values of every layer Jacobian
+    beside the input-output ones (:func:`refnet.spectrum.collect_singular_values`)."""
+    group.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=False,
+                       help="also the singular values of every layer Jacobian J^(l-1,l) and the layerwise dynamical "
+                            "isometry (LDI) table; costs many times the input-output statistics for MLPs with "
+                            "saturating units (one decomposition per layer per example) and for tanh/ReLU "
+                            "convolutions (default off)")
+
+
 def check_data_flags(data: str, data_dir) -> None:
     """``--data`` and ``--data-dir`` together, without reading any data: a dataset read from files
     needs its folder and files (``--data-dir`` or ``$REFNET_DATA_DIR``); a bundled one takes no

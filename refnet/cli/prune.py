@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-from .args import arch_name, check_data_flags, claim_out, dataset_name, float_in, init_name, int_at_least
+from .args import add_layerwise_argument, arch_name, check_data_flags, claim_out, dataset_name, float_in, init_name, int_at_least
 
 __all__ = ["NAME", "HELP", "DESCRIPTION", "METHODS", "add_arguments", "run"]
 
@@ -98,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ai-lr", type=float_in(0.0, lo_open=True), default=0.1, help="approximate-isometry lr (default 0.1)")
     g = p.add_argument_group("measurement and training")
     g.add_argument("--jsv-examples", type=int_at_least(1), default=1000, help="test examples for the JSV statistics (default 1000)")
+    add_layerwise_argument(g)
     g.add_argument("--train-steps", type=int_at_least(0), default=2000, help="SGD steps after pruning (default 2000; 0: no training)")
     g.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.1, help="learning rate (default 0.1)")
     g.add_argument("--batch-size", type=int_at_least(1), default=100, help="mini-batch size (default 100)")
@@ -162,7 +163,7 @@ def _run(args, net, spec, init_kwargs, out) -> int:
 
     def measure(label, model):
         t = time.perf_counter()
-        stats = jsv_stats(model, xj)
+        stats = jsv_stats(model, xj, layerwise=args.layerwise)
         say(format_stats(stats, title=f"JSV {label} ({len(xj)} test examples, {time.perf_counter() - t:.1f}s)"))
         summary[f"jsv_{label.replace(' ', '_')}"] = stats
         return stats

@@ -15,15 +15,16 @@ import json
 import os
 import time
 
-from .args import arch_name, check_data_flags, claim_out, dataset_name, float_in, float_list, int_at_least
+from .args import add_layerwise_argument, arch_name, check_data_flags, claim_out, dataset_name, float_in, float_list, int_at_least
 
 NAME = "spectrum"
 HELP = "Jacobian singular values and layerwise dynamical isometry of one or more initializations"
 DESCRIPTION = (
     "For each initialization, build the network, optionally prune it, and compute the\n"
     "singular values of the input-output Jacobian of every example (pooled mean, std, min, max,\n"
-    "CN = max/min as the SPP tables; CN mean over examples as [DI]) and of every layer Jacobian\n"
-    "(fraction within epsilon of 1: layerwise dynamical isometry). Writes OUT/stats.json and PNGs."
+    "CN = max/min as the SPP tables; CN mean over examples as [DI]) and, optionally, of every layer Jacobian\n"
+    "(fraction within epsilon of 1: layerwise dynamical isometry) with --layerwise. Writes OUT/stats.json\n"
+    "and PNGs."
 )
 
 #: --prune choices (a subset of refnet.pruning.METHODS)
@@ -70,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int_at_least(1), default=100, help="examples per Jacobian batch (default 100)")
     g.add_argument("--epsilon", type=_nonneg_float, default=0.1,
                    help="layerwise dynamical isometry tolerance |1 - sigma| <= epsilon (default 0.1)")
+    add_layerwise_argument(g)
     g.add_argument("--out", default=os.path.join("runs", "spectrum"),
                    help="output folder for stats.json and the plots (default runs/spectrum)")
     g.add_argument("--overwrite", action="store_true",
@@ -175,7 +177,7 @@ def _run(args, out, spec, runs, nets) -> int:
         net = nets[label]
         if args.sparsity is not None:
             net = net.with_masks(masks_for(args.prune, net, args.sparsity, x=scored[0], y=scored[1], seed=args.seed))
-        sv, lsv = collect_singular_values(net, X, batch_size=args.batch_size)
+        sv, lsv = collect_singular_values(net, X, batch_size=args.batch_size, layerwise=args.layerwise, progress=None)
         K = net.n_layers
         stats = summarize(sv, lsv, epsilon=args.epsilon, layers=list(range(1, K + 1)),
                           layer_names=[layer_label(net, l) for l in range(K)])
@@ -183,7 +185,8 @@ def _run(args, out, spec, runs, nets) -> int:
                      seconds=round(time.perf_counter() - t0, 3))
         results[label] = stats
         spectra[label] = sv.ravel()
-        layer_spectra[label] = lsv
+        if lsv is not None:
+            layer_spectra[label] = lsv
         print()
         print(format_stats(stats, title=label))
 
@@ -197,6 +200,7 @@ def _run(args, out, spec, runs, nets) -> int:
         "sparsity": args.sparsity,
         "prune": args.prune if args.sparsity is not None else None,
         "epsilon": args.epsilon,
+        "layerwise": args.layerwise,
         "results": results,
     }
     stats_path = os.path.join(out, "stats.json")
@@ -217,9 +221,10 @@ def _run(args, out, spec, runs, nets) -> int:
                                   title=f"Input-output Jacobian singular values ({what}), {args.arch}, {n} examples"),
         plots.plot_jsv_ecdf(spectra, os.path.join(out, "jsv_ecdf.png"),
                             title=f"Empirical CDF of the input-output JSV ({what}), {args.arch}"),
-        plots.plot_layer_bands(layer_spectra, os.path.join(out, "layer_bands.png"),
-                               title=f"Layer Jacobian singular values J^(l-1,l), {args.arch}, {n} examples"),
     ]
+    if layer_spectra:
+        paths.append(plots.plot_layer_bands(layer_spectra, os.path.join(out, "layer_bands.png"),
+                                            title=f"Layer Jacobian singular values J^(l-1,l), {args.arch}, {n} examples"))
     for p in paths:
         print(f"wrote {p}")
     return 0

@@ -151,6 +151,12 @@ class Layer:
             cols.append(flat_rows(self.jvp(params, cache, e.reshape(x.shape), mask)))
         return np.stack(cols, axis=2)  # (B, n_out, n_in)
 
+    def jacobian_svdvals(self, params, cache, mask=None):
+        """The singular values of every example's layer Jacobian from a closed form, ``(B, r)``
+        with ``r = min(N_out, N_in)`` and each row descending, or None when the layer has none
+        (the caller then decomposes :meth:`jacobian`). The default: None."""
+        return None
+
     def _stack_shapes(self, cache, in_shape, out_shape) -> tuple:
         """Per-example input and output shapes of a multi-vector product (from the cached input
         ``x`` when not given)."""

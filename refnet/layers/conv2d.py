@@ -193,6 +193,18 @@ class Conv2d(Affine):
         M = _conv.conv_matrix(effective_param(params, mask, "W"), x.shape[1:], self.stride, self.padding, self.padding_mode)
         return flat_rows(cache["D"])[:, :, None] * M[None]  # (B, n_out, n_in): J = D M
 
+    def jacobian_svdvals(self, params, cache, mask=None):
+        """With a linear activation, circular padding, stride 1 and an output of the input's size
+        (``2 p = k - 1``), ``J = M`` is a circular convolution for every example and its singular
+        values come from the Fourier symbol (:func:`refnet.conv.circular_conv_singular_values`):
+        no matrix is formed. None otherwise (the explicit ``D M`` is decomposed)."""
+        x = cache["x"]
+        if not (self.activation.is_linear and self.padding_mode == "circular" and self.stride == (1, 1)
+                and self.out_shape(x.shape[1:])[1:] == x.shape[2:]):
+            return None
+        s = _conv.circular_conv_singular_values(effective_param(params, mask, "W"), x.shape[1:])
+        return np.broadcast_to(s, (x.shape[0], s.size)).copy()
+
     def _to_nchw(self, hp, shape):
         """``(B, P, c_out)`` (im2col rows) to ``shape`` ``(B, c_out, Ho, Wo)``."""
         return np.ascontiguousarray(hp.transpose(0, 2, 1)).reshape(shape)

@@ -85,6 +85,12 @@ class AvgPool2d(_Pool2d):
     def jvp(self, params, cache, v, mask=None, dparams=None):
         return self._pool(v)
 
+    def jacobian_svdvals(self, params, cache, mask=None):
+        """Every row of ``J`` holds ``1/k^2`` on its own ``k x k`` window, so ``J J^T = I / k^2``:
+        all ``N_out`` singular values are ``1/k``."""
+        x = cache["x"]
+        return np.full((x.shape[0], prod(self.out_shape(x.shape[1:]))), 1.0 / self.kernel_size, dtype=x.dtype)
+
 
 @dataclass(frozen=True)
 class MaxPool2d(_Pool2d):
@@ -146,6 +152,12 @@ class MaxPool2d(_Pool2d):
         src = self._source(cache)
         return np.take_along_axis(V, np.broadcast_to(src, (V.shape[0], V.shape[1], src.shape[2])), axis=2)
 
+    def jacobian_svdvals(self, params, cache, mask=None):
+        """Every row of ``J`` is a unit vector at its window's arg-max and the windows do not
+        overlap, so ``J J^T = I``: all ``N_out`` singular values are 1."""
+        arg = cache["arg"]
+        return np.ones((arg.shape[0], arg[0].size), dtype=cache["x"].dtype)
+
 
 @dataclass(frozen=True)
 class GlobalAvgPool2d(Layer):
@@ -167,6 +179,12 @@ class GlobalAvgPool2d(Layer):
         x = cache["x"]
         H, W = x.shape[2:]
         return np.broadcast_to(g[:, :, None, None] / (H * W), x.shape).copy(), {}
+
+    def jacobian_svdvals(self, params, cache, mask=None):
+        """Row ``c`` of ``J`` holds ``1/(H W)`` on channel ``c``'s ``H W`` pixels, so
+        ``J J^T = I / (H W)``: all ``C`` singular values are ``1/sqrt(H W)``."""
+        x = cache["x"]
+        return np.full((x.shape[0], x.shape[1]), 1.0 / np.sqrt(x.shape[2] * x.shape[3]), dtype=x.dtype)
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,11 @@ class Flatten(Layer):
     def jvp_many(self, params, cache, V, mask=None, in_shape=None, out_shape=None):
         """``(J V^T)^T = V``: the stack itself (not a copy)."""
         return V
+
+    def jacobian_svdvals(self, params, cache, mask=None):
+        """``J = I``: all singular values are 1."""
+        x = cache["x"]
+        return np.ones((x.shape[0], x[0].size), dtype=x.dtype)
 
     def jacobian(self, params, cache, mask=None):
         x = cache["x"]
