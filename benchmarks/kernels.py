@@ -78,14 +78,32 @@ def jax_or_none():
     return jax
 
 
-def _repeats(seconds_per_call: float, quick: bool) -> int:
+def _repeats(seconds_per_call: float, quick: bool, least: int = 3) -> int:
     budget = 1.0 if quick else 3.0
-    return int(min(20, max(3, budget / max(seconds_per_call, 1e-6))))
+    return int(min(20, max(least, budget / max(seconds_per_call, 1e-6))))
 
 
-def time_call(fn, quick):
+def time_call(fn, quick, *, warmup: int | None = None):
     """Median seconds of ``fn()``: one timed call sets the number of repeats (fewer with ``quick``),
-    then :func:`benchmarks.common.median_time`. The timer every suite shares."""
+    then :func:`benchmarks.common.median_time`. The timer every suite shares.
+
+    ``warmup=n`` (for calls of seconds, such as the CNN Jacobians of benchmarks/jacobian.py): ``n``
+    untimed calls, then every call is timed and counts, the first one setting the number of runs
+    (the same budget, but at least 3, or 1 with ``quick``); no further warm-up or calibration
+    calls, which would otherwise double the cost of a 20 s call. ``warmup=0`` is for a ``fn``
+    that has already run on the same inputs (JAX's ``jit`` compiled)."""
+    if warmup is not None:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        runs = 1
+        while len(samples) < runs:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+            if len(samples) == 1:
+                runs = _repeats(samples[0], quick, least=1 if quick else 3)
+        return float(np.median(samples))
     t0 = time.perf_counter()
     fn()
     one = time.perf_counter() - t0
