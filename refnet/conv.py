@@ -103,6 +103,21 @@ def im2col(x: np.ndarray, kernel, stride, padding, mode: str) -> np.ndarray:
     return x_ext[:, idx]  # (B, P, K)
 
 
+def _sum_taps(taps: np.ndarray, padded_shape, lead: int, stride) -> np.ndarray:
+    """The tap-by-tap sum of zero-padding col2im: ``taps`` has ``lead`` leading axes, then
+    ``(kh, kw, Ho, Wo)``, then any trailing ones; the result (``padded_shape``, the padded
+    input with the same leading and trailing axes) gets ``g[..., i s_h + u, j s_w + v, ...] +=
+    taps[..., u, v, i, j, ...]`` over ``u < kh``, ``v < kw`` in that order."""
+    kh, kw, Ho, Wo = taps.shape[lead : lead + 4]
+    sh, sw = stride
+    g = np.zeros(padded_shape, dtype=taps.dtype)
+    head = (slice(None),) * lead
+    for u in range(kh):
+        for v in range(kw):
+            g[head + (slice(u, u + (Ho - 1) * sh + 1, sh), slice(v, v + (Wo - 1) * sw + 1, sw))] += taps[head + (u, v)]
+    return g
+
+
 def col2im(g_cols: np.ndarray, x_shape, kernel, stride, padding, mode: str, layout: str = "pk") -> np.ndarray:
     """Adjoint of :func:`im2col`: sums patch gradients into ``(B, C, H, W)``.
 
@@ -124,15 +139,12 @@ def col2im(g_cols: np.ndarray, x_shape, kernel, stride, padding, mode: str, layo
         gx = (S.T @ g.T).T  # (B, C*H*W)
         return np.ascontiguousarray(gx, dtype=g_cols.dtype).reshape(B, C, H, W)
     Ho, Wo = conv_output_size(H, W, kernel, stride, padding)
-    (sh, sw), (ph, pw) = stride, padding
+    ph, pw = padding
     if layout == "kp":
         taps = g_cols.reshape(B, C, kh, kw, Ho, Wo)
     else:
         taps = g_cols.reshape(B, Ho, Wo, C, kh, kw).transpose(0, 3, 4, 5, 1, 2)  # (B, C, kh, kw, Ho, Wo)
-    g = np.zeros((B, C, H + 2 * ph, W + 2 * pw), dtype=g_cols.dtype)
-    for u in range(kh):
-        for v in range(kw):
-            g[:, :, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw] += taps[:, :, u, v]
+    g = _sum_taps(taps, (B, C, H + 2 * ph, W + 2 * pw), 2, stride)
     if ph or pw:
         g = np.ascontiguousarray(g[:, :, ph : ph + H, pw : pw + W])
     return g
@@ -146,14 +158,11 @@ def col2im_last(cols: np.ndarray, in_shape, kernel, stride, padding) -> np.ndarr
     convolution (:meth:`refnet.layers.Conv2d.vjp_many`) cheap."""
     C, H, W = in_shape
     kh, kw = kernel
-    (sh, sw), (ph, pw) = stride, padding
+    ph, pw = padding
     Ho, Wo = conv_output_size(H, W, kernel, stride, padding)
     V = cols.shape[-1]
     taps = cols.reshape(C, kh, kw, Ho, Wo, V)
-    g = np.zeros((C, H + 2 * ph, W + 2 * pw, V), dtype=cols.dtype)
-    for u in range(kh):
-        for v in range(kw):
-            g[:, u : u + (Ho - 1) * sh + 1 : sh, v : v + (Wo - 1) * sw + 1 : sw, :] += taps[:, u, v]
+    g = _sum_taps(taps, (C, H + 2 * ph, W + 2 * pw, V), 1, stride)
     return g[:, ph : ph + H, pw : pw + W, :]
 
 

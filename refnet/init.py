@@ -123,9 +123,6 @@ def _check_shape(shape, name: str = "shape", *, min_ndim: int = 2, draw: bool = 
     return tuple(out)
 
 
-
-
-
 def compute_fans(shape) -> tuple[int, int]:
     """Fan-in and fan-out of a weight shape, as in the paper's code and PyTorch.
 
