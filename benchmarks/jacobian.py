@@ -69,6 +69,11 @@ def _torch_fns(torch, params):
     return jac, lambda X: torch.linalg.svdvals(jac(X)), torch.linalg.svdvals
 
 
+def _ready(fn):
+    """``fn`` waiting for JAX's asynchronous result, so that a timer measures the computation."""
+    return lambda *a: fn(*a).block_until_ready()
+
+
 def _jax_fns(jax, params):
     jnp = jax.numpy
     Ws = [jnp.asarray(p["W"]) for p in params]
@@ -84,8 +89,7 @@ def _jax_fns(jax, params):
     jac = jax.jit(jax.vmap(jax.jacrev(f)))
     svd = jax.jit(lambda J: jnp.linalg.svd(J, compute_uv=False))
     both = jax.jit(lambda X: jnp.linalg.svd(jax.vmap(jax.jacrev(f))(X), compute_uv=False))
-    ready = lambda fn: (lambda *a: fn(*a).block_until_ready())  # noqa: E731
-    return ready(jac), ready(both), ready(svd)
+    return _ready(jac), _ready(both), _ready(svd)
 
 
 def _cnn_layers(net):
@@ -162,20 +166,24 @@ def _jax_cnn_fns(jax, net):
     jac = jax.jit(jac_fn)
     svd = jax.jit(lambda J: jnp.linalg.svd(J, compute_uv=False))
     both = jax.jit(lambda X: jnp.linalg.svd(jac_fn(X), compute_uv=False))
-    ready = lambda fn: (lambda *a: fn(*a).block_until_ready())  # noqa: E731
-    return ready(jac), ready(both), ready(svd)
+    return _ready(jac), _ready(both), _ready(svd)
+
+
+def _refnet_impls(net, X):
+    """refnet's Jacobians ``J`` of ``X``, their singular values and the case's first entry:
+    ``("refnet", Jacobians, Jacobians + singular values, singular values of J)``."""
+
+    def both():
+        return kernels.batched_svdvals(jacobian(net, X))
+
+    J = jacobian(net, X)
+    return J, both(), [("refnet", lambda: jacobian(net, X), both, lambda: kernels.batched_svdvals(J))]
 
 
 def _mlp_case(sizes, n_examples, torch, jax):
     net = rn.mlp(sizes, activation="tanh", init="orthogonal", seed=0)
     X = np.random.default_rng(0).standard_normal((n_examples, sizes[0]))
-
-    def refnet_both():
-        return kernels.batched_svdvals(jacobian(net, X))
-
-    J = jacobian(net, X)
-    s_ref = refnet_both()
-    impls = [("refnet", lambda: jacobian(net, X), refnet_both, lambda: kernels.batched_svdvals(J))]
+    J, s_ref, impls = _refnet_impls(net, X)
     if torch is not None:
         tjac, tboth, tsvd = _torch_fns(torch, net.params)
         tX, tJ = torch.from_numpy(X), torch.from_numpy(J)
@@ -195,14 +203,8 @@ def _cnn_case(arch, dataset, n_examples, n_tie_free, torch, jax):
     X, _ = data.load(dataset, split="test", flatten=False)
     X = X[:n_examples]
     net = build(arch, X.shape[1:], 10, seed=0)
-
-    def refnet_both():
-        return kernels.batched_svdvals(jacobian(net, X))
-
-    J = jacobian(net, X)
-    s_ref = refnet_both()
+    J, s_ref, impls = _refnet_impls(net, X)
     tol = 1e-10 * s_ref.max()
-    impls = [("refnet", lambda: jacobian(net, X), refnet_both, lambda: kernels.batched_svdvals(J))]
     if torch is not None:
         tjac, tboth, tsvd = _torch_cnn_fns(torch, net)
         Xn = X[:n_tie_free] + 1e-3 * np.random.default_rng(1).standard_normal(X[:n_tie_free].shape)

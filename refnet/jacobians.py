@@ -67,6 +67,8 @@ __all__ = [
     "batch_jacobian",
     "check_per_example",
     "check_range",
+    "element_budget",
+    "layer_sizes",
     "layer_jacobians",
     "jacobian",
     "jacobian_svd",
@@ -127,8 +129,21 @@ _check_net = check_net
 _check_range = check_range
 
 
+def element_budget(max_elements) -> int:
+    """The budget of one dense Jacobian array: ``max_elements`` checked, or :data:`DEFAULT_MAX_ELEMENTS`."""
+    return DEFAULT_MAX_ELEMENTS if max_elements is None else check_int(max_elements, "max_elements", min_value=1)
+
+
+def layer_sizes(net, l: int) -> tuple[int, int]:
+    """``(N_l, N_{l-1})``: the output and input sizes of ``J^{l-1,l}`` of ``net.layers[l]`` (for an
+    :class:`~refnet.layers.Add`, the size of one of its inputs)."""
+    layer = net.layers[l]
+    n_in = prod(net.in_shapes[l][0]) if n_inputs(layer) > 1 else prod(net.in_shapes[l])
+    return prod(net.shapes[l + 1]), n_in
+
+
 def _budget(n_elements: int, max_elements, what: str) -> None:
-    limit = DEFAULT_MAX_ELEMENTS if max_elements is None else check_int(max_elements, "max_elements", min_value=1)
+    limit = element_budget(max_elements)
     if n_elements > limit:
         raise ValueError(
             f"{what} needs {n_elements:,} elements, above max_elements={limit:,}; raise max_elements, "
@@ -238,9 +253,8 @@ def layer_jacobians(net, x, *, trace=None, max_elements=None) -> list[np.ndarray
     B = trace.x.shape[0]
     out = []
     for l, layer in enumerate(net.layers):
-        n_in = prod(net.in_shapes[l][0]) if n_inputs(layer) > 1 else prod(net.in_shapes[l])
-        n = B * prod(net.shapes[l + 1]) * n_in
-        _budget(n, max_elements, f"J^({l},{l + 1}) of {B} examples")
+        n_out, n_in = layer_sizes(net, l)
+        _budget(B * n_out * n_in, max_elements, f"J^({l},{l + 1}) of {B} examples")
         out.append(layer.jacobian(net.params[l], trace.caches[l], net.masks[l]))
     return out
 

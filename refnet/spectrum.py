@@ -40,7 +40,7 @@ import numpy as np
 
 from . import kernels
 from ._checks import check_bool, check_float, check_int
-from .jacobians import check_per_example, check_range, jacobian
+from .jacobians import check_per_example, check_range, element_budget, jacobian, layer_sizes
 from .network import Network, check_net
 from ._compat import moved_names
 from .progress import Progress, progress_target
@@ -105,20 +105,14 @@ def _layer_svdvals(net, l: int, xb: np.ndarray, trace, fixed: dict, zero_rtol, m
     shared by every example (kept in ``fixed``); otherwise every example's dense Jacobian, in
     sub-batches of at most ``max_elements`` elements (a forward pass per sub-batch when the
     batch's Jacobians do not fit at once)."""
-    from math import prod
-
-    from .jacobians import DEFAULT_MAX_ELEMENTS
-    from .network import n_inputs
-
     layer, params, mask = net.layers[l], net.params[l], net.masks[l]
-    n_in = prod(net.in_shapes[l][0]) if n_inputs(layer) > 1 else prod(net.in_shapes[l])
-    n_out = prod(net.shapes[l + 1])
+    n_out, n_in = layer_sizes(net, l)
     what = f"J^({l},{l + 1})"
     rtol = _zero_rtol(zero_rtol, (n_out, n_in), xb.dtype)
     s = layer.jacobian_svdvals(params, trace.caches[l], mask)
     if s is not None:
         return _zero_small(s.astype(np.float64, copy=True), rtol)
-    limit = DEFAULT_MAX_ELEMENTS if max_elements is None else check_int(max_elements, "max_elements", min_value=1)
+    limit = element_budget(max_elements)
     if n_out * n_in > limit:
         raise ValueError(
             f"the layer Jacobian {what} of one example has {n_out * n_in:,} elements, above max_elements={limit:,}; "
